@@ -1,0 +1,34 @@
+"""The checkpoint store: public API (documented in CHECKPOINTING.md).
+
+    from train_improved.checkpoint import CheckpointManager, CheckpointOptions, Kind
+"""
+
+from .layout import Family, Kind
+from .manager import CheckpointInfo, CheckpointManager, CheckpointOptions, NoCheckpointError, SaveResult, describe
+from .storage import (
+    CheckpointError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    load_checkpoint,
+    read_footer,
+    verify_file,
+)
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointOptions",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "Family",
+    "Kind",
+    "NoCheckpointError",
+    "SaveResult",
+    "UnsafeCheckpointError",
+    "describe",
+    "load_checkpoint",
+    "read_footer",
+    "verify_file",
+]

@@ -1,0 +1,93 @@
+"""File names of the checkpoint directory (SPEC §4): one function makes each name, one parses them.
+
+Users script against these names, so they are fixed:
+
+    latest.pt, latest_backup.pt
+    rolling_step_000250.pt, rolling_last_backup.pt
+    emergency_step_000250_20261126_231500.pt
+    best_model.pt, best_model_backup.pt, best_model_previous.pt
+    epoch_00003.pt
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+
+SUFFIX = ".pt"
+LATEST = "latest.pt"
+LATEST_BACKUP = "latest_backup.pt"
+ROLLING_BACKUP = "rolling_last_backup.pt"
+BEST = "best_model.pt"
+BEST_BACKUP = "best_model_backup.pt"
+BEST_PREVIOUS = "best_model_previous.pt"
+HISTORY = "history.jsonl"
+LOCK = ".lock"
+
+
+class Kind(str, Enum):
+    """Why a checkpoint was written; each kind is its own family with its own retention."""
+
+    ROLLING = "rolling"
+    EMERGENCY = "emergency"
+    BEST = "best"
+    EPOCH = "epoch"
+
+
+class Family(str, Enum):
+    """How the lister groups files."""
+
+    LATEST = "latest"
+    BEST = "best"
+    ROLLING = "rolling"
+    EMERGENCY = "emergency"
+    EPOCH = "epoch"
+
+
+_ROLLING_RE = re.compile(r"^rolling_step_(\d{6,})\.pt$")
+_EMERGENCY_RE = re.compile(r"^emergency_step_(\d{6,})_(\d{8}_\d{6})\.pt$")
+_EPOCH_RE = re.compile(r"^epoch_(\d{5,})\.pt$")
+_FIXED = {
+    LATEST: Family.LATEST,
+    LATEST_BACKUP: Family.LATEST,
+    ROLLING_BACKUP: Family.ROLLING,
+    BEST: Family.BEST,
+    BEST_BACKUP: Family.BEST,
+    BEST_PREVIOUS: Family.BEST,
+}
+BACKUP_NAMES = frozenset({LATEST_BACKUP, ROLLING_BACKUP, BEST_BACKUP, BEST_PREVIOUS})
+
+
+@dataclass(frozen=True)
+class ParsedName:
+    family: Family
+    step: int | None = None  # from the name, for rolling and emergency files
+    epoch: int | None = None  # from the name, for epoch files
+    saved: datetime | None = None  # from the name, for emergency files
+
+
+def rolling_name(step: int) -> str:
+    return f"rolling_step_{step:06d}{SUFFIX}"
+
+
+def emergency_name(step: int, when: datetime) -> str:
+    return f"emergency_step_{step:06d}_{when:%Y%m%d_%H%M%S}{SUFFIX}"
+
+
+def epoch_name(epoch: int) -> str:
+    return f"epoch_{epoch:05d}{SUFFIX}"
+
+
+def parse_name(name: str) -> ParsedName | None:
+    """What a file name in the checkpoint directory means, or None for names the store doesn't own."""
+    if name in _FIXED:
+        return ParsedName(_FIXED[name])
+    if m := _ROLLING_RE.match(name):
+        return ParsedName(Family.ROLLING, step=int(m[1]))
+    if m := _EMERGENCY_RE.match(name):
+        return ParsedName(Family.EMERGENCY, step=int(m[1]), saved=datetime.strptime(m[2], "%Y%m%d_%H%M%S"))
+    if m := _EPOCH_RE.match(name):
+        return ParsedName(Family.EPOCH, epoch=int(m[1]))
+    return None

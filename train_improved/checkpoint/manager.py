@@ -1,0 +1,554 @@
+"""CheckpointManager: the policy layer of the store (layout, retention, best tracking, fallback).
+
+    with CheckpointManager("checkpoints", CheckpointOptions(keep_rolling=3)) as ckpt:
+        if ckpt.latest() is not None:
+            state, info = ckpt.restore("latest")
+        for step in range(start, end + 1):
+            ...
+            if ckpt.should_save(step):
+                ckpt.save(my_state(), step=step, kinds=Kind.ROLLING)
+
+It knows nothing about models: a state is a dict of plain data and tensors. Bytes go through
+`storage`; this module decides names, order, and what may be deleted.
+
+Commit order of one save (each line is durable before the next starts):
+  1. the new file is written, fsynced, read back and verified under a temporary name, then renamed;
+  2. its independent backup copy is made the same way (rolling and best);
+  3. latest_backup.pt becomes the old latest (a hard link), then latest.pt the new file;
+  4. retention deletes what its family's policy drops, never a protected or foreign file;
+  5. one line is appended to history.jsonl.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from . import layout, storage
+from .layout import Family, Kind
+from .retention import keep_last, to_delete
+from .storage import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+
+logger = logging.getLogger("train_improved.checkpoint")
+
+
+class NoCheckpointError(CheckpointError):
+    """The directory holds no checkpoint to resume from."""
+
+
+@dataclass
+class CheckpointOptions:
+    """Everything the store can be told. Defaults follow SPEC §4."""
+
+    keep_rolling: int = 10  # rolling step checkpoints; best, epoch and emergency are kept separately
+    keep_emergency: int = 10  # emergency checkpoints have their own, independent retention
+    save_every: int | None = 250  # steps between rolling saves (should_save); None never
+    metric: str = "val_loss"  # the metric that decides best_model.pt
+    mode: Literal["min", "max"] = "min"
+    min_free_bytes: int = 0  # a save is skipped rather than leave less free space than this
+    async_save: bool = True  # stage to reused host buffers, write in a background thread
+    storage_report_every: int = 10  # log storage per family every N saves
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.keep_rolling < 1:
+            problems.append(f"keep_rolling must be at least 1 (got {self.keep_rolling})")
+        if self.keep_emergency < 1:
+            problems.append(f"keep_emergency must be at least 1 (got {self.keep_emergency})")
+        if self.save_every is not None and self.save_every < 1:
+            problems.append(f"save_every must be a positive number of steps (got {self.save_every})")
+        if self.mode not in ("min", "max"):
+            problems.append(f"mode must be 'min' or 'max' (got {self.mode!r})")
+        if self.min_free_bytes < 0:
+            problems.append(f"min_free_bytes cannot be negative (got {self.min_free_bytes})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One file of the store, described from its footer alone (no tensor is read)."""
+
+    name: str
+    path: Path
+    family: Family
+    size: int
+    inode: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # why the footer could not be read; None when it could
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def step(self) -> int | None:
+        return self.meta.get("step")
+
+    @property
+    def epoch(self) -> int | None:
+        return self.meta.get("epoch")
+
+    @property
+    def kind(self) -> str | None:
+        return self.meta.get("kind")
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.meta.get("metrics") or {}
+
+    @property
+    def saved_at(self) -> str | None:
+        return self.meta.get("saved_at")
+
+
+@dataclass
+class SaveResult:
+    """What one file of a save cost, or why it failed: the trainer logs one record per result."""
+
+    kind: Kind
+    name: str
+    step: int
+    bytes: int = 0
+    stall_s: float = 0.0  # time the caller was blocked
+    write_s: float = 0.0  # time the writer spent (serialize, checksum, fsync, verify, commit)
+    error: str | None = None
+    skipped: bool = False
+
+
+def describe(path: Path) -> CheckpointInfo:
+    """Describe one file of a checkpoint directory from its footer."""
+    parsed = layout.parse_name(path.name)
+    family = parsed.family if parsed else Family.LATEST
+    st = os.stat(path)
+    try:
+        return CheckpointInfo(path.name, path, family, st.st_size, st.st_ino, storage.read_footer(path))
+    except CheckpointError as e:
+        return CheckpointInfo(path.name, path, family, st.st_size, st.st_ino, error=str(e))
+
+
+class CheckpointManager:
+    """Saves, rotates and restores the checkpoints of one directory. See the module docstring.
+
+    A writing manager holds an exclusive lock on the directory for its lifetime; pass
+    `read_only=True` to inspect or restore without it (the lister, tools, non-zero ranks).
+    """
+
+    def __init__(self, directory: str | Path, options: CheckpointOptions | None = None,
+                 *, read_only: bool = False) -> None:
+        self.directory = Path(directory)
+        self.options = options or CheckpointOptions()
+        self.read_only = read_only
+        self._protected: set[str] = set()
+        self._lock_fd: int | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: Future[list[SaveResult]] | None = None
+        self._inflight_started = 0.0
+        self._done: list[SaveResult] = []
+        self._jobs = 0
+        self._last_file_bytes: int | None = None
+        self._staging: Any = None
+        if read_only:
+            if not self.directory.is_dir():
+                raise NoCheckpointError(f"checkpoint directory {self.directory} does not exist")
+        else:
+            self._open_for_writing()
+        self._best_value = self._read_best_value()
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def _open_for_writing(self) -> None:
+        d = self.directory
+        if d.exists() and not d.is_dir():
+            raise CheckpointError(f"checkpoint directory {d} is a file, not a directory")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd = os.open(d / layout.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CheckpointError(f"checkpoint directory {d} is not writable: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CheckpointError(
+                f"checkpoint directory {d} is in use by another train process (pid {holder}); "
+                "use another --checkpoint-dir or stop that run first"
+            ) from None
+        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        probe = storage.temp_path_for(d / "probe")
+        try:
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            self.close()
+            raise CheckpointError(f"checkpoint directory {d} is not writable: {e.strerror}") from None
+        if removed := storage.clean_temp_files(d):
+            logger.warning("removed %d temporary file(s) left by an interrupted save in %s", len(removed), d)
+
+    def close(self) -> None:
+        """Wait for the save in flight, then release the directory."""
+        if self._executor is not None:
+            self.wait_until_finished()
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------- queries
+
+    def all(self) -> list[CheckpointInfo]:
+        """Every checkpoint file of the directory (valid or not), oldest step first. Reads footers only."""
+        if not self.directory.is_dir():
+            return []
+        infos = [describe(p) for p in self.directory.iterdir()
+                 if p.suffix == layout.SUFFIX and layout.parse_name(p.name) and not p.is_symlink()]
+        return sorted(infos, key=lambda i: (i.step if i.step is not None else -1, i.saved_at or "", i.name))
+
+    def _named(self, name: str) -> CheckpointInfo | None:
+        path = self.directory / name
+        return describe(path) if path.is_file() else None
+
+    def latest(self) -> CheckpointInfo | None:
+        """latest.pt, or None if the directory holds no checkpoint yet."""
+        return self._named(layout.LATEST)
+
+    def best(self) -> CheckpointInfo | None:
+        """best_model.pt, or None if no best has been saved."""
+        return self._named(layout.BEST)
+
+    def latest_step(self) -> int | None:
+        """Newest committed step, or None if the directory holds no readable checkpoint."""
+        steps = [i.step for i in self.all() if i.ok and i.step is not None]
+        return max(steps) if steps else None
+
+    def should_save(self, step: int) -> bool:
+        """Whether `step` is a rolling save point."""
+        every = self.options.save_every
+        return every is not None and step > 0 and step % every == 0
+
+    @property
+    def best_value(self) -> float | None:
+        """The best value of `options.metric` saved so far (survives restarts), or None."""
+        return self._best_value
+
+    def is_improvement(self, metrics: dict[str, float] | None) -> bool:
+        """Whether these metrics would make a new best_model.pt."""
+        value = (metrics or {}).get(self.options.metric)
+        if value is None or math.isnan(value):
+            return False
+        if self._best_value is None:
+            return True
+        return value < self._best_value if self.options.mode == "min" else value > self._best_value
+
+    def _read_best_value(self) -> float | None:
+        for name in (layout.BEST, layout.BEST_BACKUP):
+            info = self._named(name)
+            if info is not None and info.ok:
+                return info.metrics.get(self.options.metric)
+        return None
+
+    def protect(self, name: str) -> None:
+        """Never delete `name` during this manager's life (the file being resumed from)."""
+        self._protected.add(name)
+
+    # ----------------------------------------------------------------------------- saving
+
+    def save(self, state: dict[str, Any], *, step: int, epoch: int | None = None,
+             kinds: Kind | Iterable[Kind] = Kind.ROLLING, metrics: dict[str, float] | None = None,
+             meta: dict[str, Any] | None = None) -> bool:
+        """Save `state` as each of `kinds`; return whether a save was started.
+
+        A BEST save happens only if `metrics` improve on the best so far. With `async_save` the call
+        returns once the state is copied to staging buffers; `poll()` reports the outcome. `meta`
+        (plain JSON) is stored in the footer, readable without loading the checkpoint.
+        """
+        if self.read_only:
+            raise CheckpointError("this checkpoint manager was opened read-only")
+        started = time.perf_counter()
+        todo = [kinds] if isinstance(kinds, Kind) else list(dict.fromkeys(kinds))
+        if Kind.BEST in todo and not self.is_improvement(metrics):
+            todo.remove(Kind.BEST)
+        if not todo:
+            return False
+        self._wait_inflight()  # at most one save in flight: staging buffers are reused
+        if not self._has_room(state, todo, step):
+            return False
+        if Kind.BEST in todo:
+            self._best_value = (metrics or {})[self.options.metric]
+        snapshot = self._stage(state) if self.options.async_save else state
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        stall = time.perf_counter() - started
+        self._inflight = self._executor.submit(self._commit, snapshot, step, epoch, todo, metrics, meta, stall)
+        self._inflight_started = started
+        if not self.options.async_save:
+            self._wait_inflight()
+            for r in self._done:
+                r.stall_s = time.perf_counter() - started  # synchronous: the caller waited for all of it
+        return True
+
+    def _stage(self, state: dict[str, Any]) -> dict[str, Any]:
+        if self._staging is None:
+            from .staging import StagingArea  # imports torch; the read-only paths never need it
+
+            self._staging = StagingArea()
+        return self._staging.stage(state)
+
+    def poll(self) -> list[SaveResult]:
+        """Results of saves finished since the last call; re-raises a writer bug (not a save failure)."""
+        if self._inflight is not None and self._inflight.done():
+            self._collect()
+        done, self._done = self._done, []
+        return done
+
+    def wait_until_finished(self) -> list[SaveResult]:
+        """Block until the save in flight has committed (or failed); return `poll()`."""
+        self._wait_inflight()
+        return self.poll()
+
+    def _wait_inflight(self) -> None:
+        # Short waits keep the main thread in Python, so signal handlers run promptly during long writes.
+        while self._inflight is not None and not self._inflight.done():
+            wait_futures([self._inflight], timeout=0.1)
+        if self._inflight is not None:
+            self._collect()
+
+    def _collect(self) -> None:
+        fut, self._inflight = self._inflight, None
+        assert fut is not None
+        results = fut.result()  # a bug in the writer surfaces here, loudly, with its traceback
+        if any(r.kind is Kind.BEST and r.error for r in results):
+            self._best_value = self._read_best_value()
+        self._done.extend(results)
+        self._jobs += 1
+        if self.options.storage_report_every and self._jobs % self.options.storage_report_every == 0:
+            logger.info("%s", self.storage_summary())
+
+    def _commit(self, snapshot: dict[str, Any], step: int, epoch: int | None, kinds: Sequence[Kind],
+                metrics: dict[str, float] | None, meta: dict[str, Any] | None, stall: float) -> list[SaveResult]:
+        import torch
+
+        results = []
+        for kind in kinds:
+            started = time.perf_counter()
+            now = datetime.now()
+            name = self._final_name(kind, step, epoch, now)
+            result = SaveResult(kind, name, step, stall_s=stall)
+            saved_at = now.astimezone().isoformat(timespec="seconds")
+            payload = dict(snapshot, checkpoint_type=kind.value, timestamp=saved_at,
+                           format_version=storage.FORMAT_VERSION, torch_version=str(torch.__version__))
+            footer = dict(meta or {}, name=name, kind=kind.value, step=step, epoch=epoch,
+                          metrics=dict(metrics or {}), saved_at=saved_at, torch_version=str(torch.__version__))
+            try:
+                result.bytes = self._write_family(kind, self.directory / name, payload, footer)
+                self._point_latest_to(self.directory / name, step)
+                deleted = self._prune(kind)
+            except CheckpointError as e:
+                result.error = str(e)
+                logger.warning("checkpoint %s was not saved: %s; earlier checkpoints are intact", name, e)
+                self._history({"event": "failed", "name": name, "kind": kind.value, "step": step, "error": str(e)})
+                results.append(result)
+                continue
+            result.write_s = time.perf_counter() - started
+            self._last_file_bytes = (self.directory / name).stat().st_size
+            self._history({"event": "save", "name": name, "kind": kind.value, "step": step, "epoch": epoch,
+                           "bytes": result.bytes, "stall_s": stall, "write_s": result.write_s,
+                           "metrics": dict(metrics or {}), "saved_at": saved_at})
+            for gone in deleted:
+                self._history({"event": "delete", "name": gone, "kind": kind.value, "step": step})
+            results.append(result)
+        return results
+
+    def _final_name(self, kind: Kind, step: int, epoch: int | None, now: datetime) -> str:
+        if kind is Kind.ROLLING:
+            return layout.rolling_name(step)
+        if kind is Kind.EMERGENCY:
+            return layout.emergency_name(step, now)
+        if kind is Kind.EPOCH:
+            if epoch is None:
+                raise ValueError("an epoch checkpoint needs epoch=")
+            return layout.epoch_name(epoch)
+        return layout.BEST
+
+    def _write_family(self, kind: Kind, path: Path, payload: dict[str, Any], footer: dict[str, Any]) -> int:
+        """Write one file plus its family's backup; return the bytes written."""
+        d = self.directory
+        if kind is Kind.BEST:
+            def keep_old_best() -> None:  # only once the new best is durable and verified
+                if path.is_file():
+                    storage.link_checkpoint(path, d / layout.BEST_PREVIOUS)
+
+            storage.write_checkpoint(path, payload, footer, before_commit=keep_old_best)
+            storage.copy_checkpoint(path, d / layout.BEST_BACKUP)
+            return 2 * path.stat().st_size
+        storage.write_checkpoint(path, payload, footer)
+        if kind is Kind.ROLLING:
+            storage.copy_checkpoint(path, d / layout.ROLLING_BACKUP)
+            return 2 * path.stat().st_size
+        return path.stat().st_size
+
+    def _point_latest_to(self, path: Path, step: int) -> None:
+        latest = self.directory / layout.LATEST
+        current = self._named(layout.LATEST)
+        if current is not None and current.ok and current.step == step:
+            return  # latest already holds this step's state (e.g. best and rolling at one step)
+        if current is not None and current.ok:
+            # A damaged latest is replaced, never rotated over the good backup.
+            storage.link_checkpoint(latest, self.directory / layout.LATEST_BACKUP)
+        storage.link_checkpoint(path, latest)
+
+    def _prune(self, kind: Kind) -> list[str]:
+        keep = {Kind.ROLLING: self.options.keep_rolling, Kind.EMERGENCY: self.options.keep_emergency}.get(kind)
+        if keep is None:
+            return []  # best and epoch files are never rotated
+        family = Family.ROLLING if kind is Kind.ROLLING else Family.EMERGENCY
+        files = []
+        for p in self.directory.iterdir():
+            parsed = layout.parse_name(p.name)
+            if parsed and parsed.family is family and parsed.step is not None:
+                files.append((parsed.step, parsed.saved or datetime.min, p))
+        files.sort()
+        doomed = to_delete(files, keep_last(keep), protected=lambda f: f[2].name in self._protected)
+        for _, _, p in doomed:
+            storage.remove(p)
+        return [p.name for _, _, p in doomed]
+
+    def _history(self, record: dict[str, Any]) -> None:
+        record["time"] = time.time()
+        try:
+            storage.append_line(self.directory / layout.HISTORY, record)
+        except OSError as e:
+            logger.warning("could not append to %s: %s", layout.HISTORY, e)
+
+    # ----------------------------------------------------------------------------- disk space
+
+    def _has_room(self, state: dict[str, Any], kinds: Sequence[Kind], step: int) -> bool:
+        copies = sum(2 if k in (Kind.ROLLING, Kind.BEST) else 1 for k in kinds)
+        per_file = self._last_file_bytes or _tensor_bytes(state) + (1 << 16)
+        needed = copies * per_file + self.options.min_free_bytes
+        free = storage.free_bytes(self.directory)
+        if free >= needed:
+            return True
+        storage.clean_temp_files(self.directory)
+        for kind in (Kind.ROLLING, Kind.EMERGENCY):
+            for gone in self._prune(kind):
+                self._history({"event": "delete", "name": gone, "kind": kind.value, "step": step})
+        free = storage.free_bytes(self.directory)
+        if free >= needed:
+            return True
+        names = ", ".join(k.value for k in kinds)
+        msg = (f"not enough free space in {self.directory}: {human_bytes(free)} free, a {names} save at step {step} "
+               f"needs {human_bytes(copies * per_file)} plus --min-free-space {human_bytes(self.options.min_free_bytes)}; "
+               "skipping this save (earlier checkpoints are intact)")
+        logger.warning("%s", msg)
+        self._history({"event": "skipped", "step": step, "kinds": [k.value for k in kinds], "free": free})
+        self._done.extend(SaveResult(k, "", step, error=msg, skipped=True) for k in kinds)
+        return False
+
+    def storage_summary(self) -> str:
+        """One line: storage used per family (hard links counted once), total, and free space."""
+        usage = self.usage_by_family()
+        parts = ", ".join(f"{fam.value} {human_bytes(b)}" for fam, b in usage.items() if b)
+        total = human_bytes(sum(usage.values()))
+        return f"checkpoint storage: {parts or 'empty'}; total {total}; free {human_bytes(storage.free_bytes(self.directory))}"
+
+    def usage_by_family(self) -> dict[Family, int]:
+        seen: set[int] = set()
+        usage = {fam: 0 for fam in Family}
+        for info in self.all():
+            if info.inode not in seen:  # a hard-linked latest costs nothing beyond its twin
+                seen.add(info.inode)
+                usage[info.family] += info.size
+        return usage
+
+    # ----------------------------------------------------------------------------- restoring
+
+    def resolve(self, which: str | Path) -> Path:
+        """Where `which` points: a bare name resolves inside the directory, a path-like one is taken as given."""
+        text = str(which)
+        if isinstance(which, Path) or os.sep in text or text.startswith((".", "~")):
+            return Path(text).expanduser()
+        return self.directory / text
+
+    def candidates(self, which: str | Path) -> list[Path]:
+        """Files to try, in order, for `which` = "latest", "best", a name or a path (see SPEC §5)."""
+        d = self.directory
+        if which == "best":
+            return [p for p in (d / layout.BEST, d / layout.BEST_BACKUP, d / layout.BEST_PREVIOUS) if p.exists()]
+        if which == "latest":
+            others = [i for i in self.all() if i.name != layout.LATEST]
+            # Newest state first, whatever its family: an independent rolling backup at a later step
+            # beats latest_backup.pt at an earlier one. Unreadable files go last, to be reported.
+            others.sort(key=lambda i: (i.ok, i.step or -1, i.saved_at or ""), reverse=True)
+            head = [d / layout.LATEST] if (d / layout.LATEST).exists() else []
+            return head + [i.path for i in others]
+        path = self.resolve(which)
+        if not path.exists():
+            where = "" if path.parent != d else f" in {d}"
+            raise CheckpointError(f"no checkpoint named {which}{where}")
+        return [path]
+
+    def restore(self, which: str | Path = "latest", map_location: Any = "cpu") -> tuple[dict[str, Any], CheckpointInfo]:
+        """Load a verified state; fall back loudly along the chain of SPEC §5. Returns (state, info).
+
+        Raises NoCheckpointError if there is nothing to restore and CheckpointError if every
+        candidate fails verification.
+        """
+        candidates = self.candidates(which)
+        if not candidates:
+            raise NoCheckpointError(f"no checkpoint to resume from in {self.directory}")
+        failures = []
+        for i, path in enumerate(candidates):
+            try:
+                state, footer = storage.load_checkpoint(path, map_location=map_location)
+            except (CorruptCheckpointError, UnsafeCheckpointError) as e:
+                failures.append(f"{path.name}: {e}")
+                nxt = f"; trying {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
+                logger.warning("%s failed verification: %s%s", path.name, e, nxt)
+                continue
+            if failures:
+                logger.warning("resuming from %s (step %s) instead of %s", path.name, footer.get("step"), candidates[0].name)
+            if path.parent == self.directory:
+                self.protect(path.name)
+            st = path.stat()
+            return state, CheckpointInfo(path.name, path, describe(path).family, st.st_size, st.st_ino, footer)
+        raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(failures))
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return obj.element_size() * obj.numel()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,249 @@
+"""Training options: one dataclass, human units, and the precedence of SPEC §3.
+
+Precedence, highest first: command line > environment > --config FILE.toml > the resumed
+checkpoint's stored args > the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A bad option value, file or combination; the CLI prints it as one line and exits 1."""
+
+
+class DataError(Exception):
+    """Unusable data given by the user (missing path, too little data, bad shards)."""
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str | None = None  # None: the built-in corpus made from the Python standard library's sources
+    vocab_size: int | None = None  # None: 256 for bytes, else taken from the token shards
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128  # context length in tokens
+    dropout: float = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
+    # optimization
+    batch_size: int = 32  # sequences per optimizer step
+    mini_batch_size: int = 32  # sequences per forward/backward; batch_size / mini_batch_size = accumulation
+    lr: float = 2e-3  # small models tolerate a high peak learning rate
+    min_lr: float = 2e-4  # cosine decay ends here (~lr/10, per Chinchilla)
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
+    num_epochs: int = 1
+    max_steps: int | None = 1200  # stop after this optimizer step even mid-epoch; None: run num_epochs
+    # evaluation
+    eval_interval: int = 200  # steps between evaluations
+    eval_steps: int = 20  # held-out batches per evaluation
+    # system
+    seed: int = 1337
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler)
+    compile: bool = False
+    # checkpointing
+    checkpoint_dir: str = "checkpoints"
+    checkpoint_freq: int | str = 250  # steps between rolling checkpoints, or "auto" (Young's formula)
+    keep_checkpoints: int = 10  # rolling checkpoints kept; best, epoch and emergency are kept separately
+    keep_emergency_checkpoints: int = 10
+    metric: str = "val_loss"  # decides best_model.pt
+    mode: str = "min"  # min | max
+    min_free_space: int = 0  # bytes that must stay free after a save, e.g. "10GB"
+    async_save: bool = True  # the loop only waits for a copy into reused buffers
+    mtbf: float = 86400.0  # expected seconds between failures, for --checkpoint-freq auto
+    # logging
+    log_dir: str = "runs"
+    metrics_file: str | None = None  # None: <log_dir>/metrics.jsonl
+    use_tensorboard: bool = False
+    sample_length: int = 300  # bytes of text sampled from the best model at the end; 0 disables
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // self.mini_batch_size
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.metrics_file) if self.metrics_file else Path(self.log_dir) / "metrics.jsonl"
+
+
+OPTION_NAMES = [f.name for f in fields(TrainConfig)]
+ENV_VARS = {"CHECKPOINT_DIR": "checkpoint_dir", "CHECKPOINT_KEEP_LAST": "keep_checkpoints",
+            "CHECKPOINT_FREQ": "checkpoint_freq"}
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(value: Any) -> int:
+    """'10GB' -> 10_000_000_000, '500MiB' -> 524_288_000, 42 -> 42."""
+    return int(_parse_with_units(value, _SIZE_UNITS, "size", "10GB or 500MiB"))
+
+
+def parse_duration(value: Any) -> float:
+    """'24h' -> 86400.0, '90m' -> 5400.0, 30 -> 30.0 (seconds)."""
+    return _parse_with_units(value, _DURATION_UNITS, "duration", "24h, 90m or 3600")
+
+
+def _parse_with_units(value: Any, units: dict[str, int], what: str, example: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a {what} like {example}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m[2].lower() not in units:
+            raise ValueError(f"expected a {what} like {example}, got {value!r}")
+        number, unit = float(m[1]), m[2].lower()
+    if number < 0 or not math.isfinite(number):
+        raise ValueError(f"a {what} cannot be negative or infinite, got {value!r}")
+    return number * units[unit]
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _parse_optional_int(value: Any) -> int | None:
+    return None if value is None or str(value).lower() in ("none", "") else _parse_int(value)
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a whole number, got {value!r}") from None
+
+
+def _parse_freq(value: Any) -> int | str:
+    return "auto" if str(value).strip().lower() == "auto" else _parse_int(value)
+
+
+def _parse_optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "data": _parse_optional_str, "metrics_file": _parse_optional_str,
+    "vocab_size": _parse_optional_int, "max_steps": _parse_optional_int,
+    "checkpoint_freq": _parse_freq, "min_free_space": parse_size, "mtbf": parse_duration,
+}
+for _f in fields(TrainConfig):
+    if _f.name not in _PARSERS:
+        _PARSERS[_f.name] = {int: _parse_int, float: float, bool: _parse_bool, str: str}[type(_f.default)]
+
+
+def coerce(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Parse raw values (strings from env/TOML, typed from the CLI) into TrainConfig types."""
+    out, problems = {}, []
+    for key, raw in values.items():
+        name = key.replace("-", "_")
+        if name not in _PARSERS:
+            problems.append(f"unknown option {key!r} in {source}")
+            continue
+        try:
+            out[name] = _PARSERS[name](raw)
+        except ValueError as e:
+            problems.append(f"--{name.replace('_', '-')} ({source}): {e}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Options from a TOML file: top-level keys named like the options (dashes or underscores)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    if isinstance(data.get("train"), dict):  # also accept the options under a [train] table
+        data = {**{k: v for k, v in data.items() if k != "train"}, **data["train"]}
+    return coerce(data, f"config file {path}")
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    return coerce({opt: environ[var] for var, opt in ENV_VARS.items() if environ.get(var)}, "environment")
+
+
+def resolve(*, cli: Mapping[str, Any], environ: Mapping[str, str], config_file: str | None,
+            stored: Mapping[str, Any] | None = None, check: bool = True) -> TrainConfig:
+    """Merge the sources by precedence and (unless check=False) validate the result."""
+    merged: dict[str, Any] = {}
+    if stored:
+        merged.update({k: v for k, v in stored.items() if k in _PARSERS})  # a newer version may have dropped some
+    if config_file:
+        merged.update(load_toml(config_file))
+    merged.update(from_env(environ))
+    merged.update(coerce(cli, "command line"))
+    cfg = TrainConfig(**merged)
+    if check:
+        validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Collect every problem and raise once, each saying how to fix it."""
+    p = []
+    positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "mini_batch_size", "num_epochs",
+                "eval_interval", "eval_steps", "keep_checkpoints", "keep_emergency_checkpoints"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            p.append(f"--{name.replace('_', '-')} must be a positive number (got {getattr(cfg, name)})")
+    if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
+        p.append(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
+    if cfg.mini_batch_size >= 1 and cfg.batch_size % cfg.mini_batch_size:
+        p.append(f"--batch-size {cfg.batch_size} must be a multiple of --mini-batch-size {cfg.mini_batch_size}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        p.append(f"--max-steps must be a positive number of steps (got {cfg.max_steps})")
+    if isinstance(cfg.checkpoint_freq, int) and cfg.checkpoint_freq < 1:
+        p.append(f"--checkpoint-freq must be a positive number of steps or 'auto' (got {cfg.checkpoint_freq})")
+    if cfg.vocab_size is not None and cfg.vocab_size < 1:
+        p.append(f"--vocab-size must be positive (got {cfg.vocab_size})")
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "seed", "sample_length"):
+        if getattr(cfg, name) < 0:
+            p.append(f"--{name.replace('_', '-')} cannot be negative (got {getattr(cfg, name)})")
+    if cfg.lr > 0 and cfg.min_lr > cfg.lr:
+        p.append(f"--min-lr {cfg.min_lr} cannot exceed --lr {cfg.lr}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        p.append(f"--dropout must be in [0, 1) (got {cfg.dropout})")
+    if cfg.device not in ("auto", "cpu", "mps") and not re.fullmatch(r"cuda(:\d+)?", cfg.device):
+        p.append(f"--device must be auto, cpu, cuda, cuda:N or mps (got {cfg.device!r})")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        p.append(f"--dtype must be float32, bfloat16 or float16 (got {cfg.dtype!r})")
+    if cfg.mode not in ("min", "max"):
+        p.append(f"--mode must be min or max (got {cfg.mode!r})")
+    if cfg.mtbf <= 0:
+        p.append(f"--mtbf must be a positive duration (got {cfg.mtbf})")
+    if p:
+        raise ConfigError("; ".join(p))

@@ -1,0 +1,53 @@
+"""How a change of option between a checkpoint and a resume affects the run: one table, shared by
+`train --resume` and `generate-resume-command --compare`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class Effect(str, Enum):
+    HARMLESS = "harmless"  # logging, evaluation and checkpoint cadence: same weights, same losses
+    TRAJECTORY = "changes the trajectory"  # a valid resume, but no longer the run that was started
+    INCOMPATIBLE = "incompatible"  # the checkpoint cannot be loaded into what these options build
+
+
+EFFECTS: dict[str, Effect] = {
+    **dict.fromkeys(["n_layer", "n_head", "n_embd", "block_size", "vocab_size"], Effect.INCOMPATIBLE),
+    **dict.fromkeys(["data", "dropout", "batch_size", "mini_batch_size", "lr", "min_lr", "warmup_steps",
+                     "weight_decay", "grad_clip", "num_epochs", "max_steps", "seed", "device", "dtype",
+                     "compile"], Effect.TRAJECTORY),
+    **dict.fromkeys(["eval_interval", "eval_steps", "checkpoint_dir", "checkpoint_freq", "keep_checkpoints",
+                     "keep_emergency_checkpoints", "metric", "mode", "min_free_space", "async_save", "mtbf",
+                     "log_dir", "metrics_file", "use_tensorboard", "sample_length"], Effect.HARMLESS),
+}
+WHY = {
+    Effect.INCOMPATIBLE: "model shape or vocabulary: the saved weights do not fit",
+    Effect.TRAJECTORY: "optimization, schedule, data or numerics: losses will differ from the original run",
+    Effect.HARMLESS: "logging, evaluation or checkpoint cadence: training itself is unchanged",
+}
+
+
+@dataclass(frozen=True)
+class Change:
+    option: str
+    old: Any
+    new: Any
+    effect: Effect
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.option.replace("_", "-")
+
+
+def classify(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
+    """Every option whose value differs, with its effect; unknown options count as trajectory changes."""
+    return [Change(k, old.get(k), new[k], EFFECTS.get(k, Effect.TRAJECTORY))
+            for k in new if k in old and old[k] != new[k]]
+
+
+def incompatible(changes: list[Change]) -> list[Change]:
+    return [c for c in changes if c.effect is Effect.INCOMPATIBLE]

@@ -1,0 +1,114 @@
+"""`generate-resume-command`: the exact `train` command that resumes from a checkpoint.
+
+It reads the checkpoint's footer only (after verifying its checksum): nothing is unpickled, so a
+hostile file can never run code here.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from . import config
+from .checkpoint import CheckpointError, CorruptCheckpointError, verify_file
+from .config import ConfigError, TrainConfig
+from .overrides import WHY, Change, Effect, classify, incompatible
+
+_STYLE = {Effect.HARMLESS: "green", Effect.TRAJECTORY: "yellow", Effect.INCOMPATIBLE: "bold red"}
+_NEGATABLE = {"async_save", "compile", "use_tensorboard"}  # flags spelled --x / --no-x
+
+
+def locate(checkpoint: str) -> Path:
+    """A path as given, else a name inside $CHECKPOINT_DIR (default ./checkpoints)."""
+    path = Path(checkpoint).expanduser()
+    if path.exists() or os.sep in checkpoint:
+        return path
+    return Path(os.environ.get("CHECKPOINT_DIR", "checkpoints")) / checkpoint
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--lr 1e-3 --no-async-save --compile` -> {"lr": "1e-3", "async_save": False, "compile": True}."""
+    raw: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected --OPTION VALUE pairs, got {arg!r}")
+        name, _, inline = arg[2:].partition("=")
+        key = name.replace("-", "_")
+        if key.startswith("no_") and key[3:] in _NEGATABLE:
+            raw[key[3:]] = False
+        elif key in _NEGATABLE and not inline:
+            raw[key] = True
+        elif inline:
+            raw[key] = inline
+        elif i + 1 < len(args):
+            raw[key] = args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"--{name} needs a value")
+        i += 1
+    return config.coerce(raw, "command line")
+
+
+def command_for(path: Path, args: dict[str, Any]) -> str:
+    words = ["train", "--resume", str(path.resolve())]
+    for key, value in args.items():
+        if key not in config.OPTION_NAMES or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key in _NEGATABLE:
+            words.append(flag if value else "--no-" + flag[2:])
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def print_changes(old: dict[str, Any], new: dict[str, Any], *, title: str,
+                  console: Console | None = None) -> list[Change]:
+    """Show a table of changed options and their effect; raise if any is incompatible."""
+    console = console or Console(stderr=True)
+    changes = classify(old, new)
+    if changes:
+        table = Table(title=title, title_justify="left")
+        for column in ("option", "checkpoint", "now", "effect"):
+            table.add_column(column)
+        for c in changes:
+            table.add_row(c.flag, repr(c.old), repr(c.new), f"[{_STYLE[c.effect]}]{c.effect.value}[/]")
+        console.print(table)
+        for effect in (Effect.TRAJECTORY, Effect.INCOMPATIBLE):
+            if any(c.effect is effect for c in changes):
+                console.print(f"[{_STYLE[effect]}]{effect.value}[/]: {WHY[effect]}")
+    if bad := incompatible(changes):
+        listed = ", ".join(f"{c.flag} {c.old!r} -> {c.new!r}" for c in bad)
+        raise ConfigError(f"incompatible change ({listed}): the checkpoint cannot continue with it; "
+                          "start a new run in another --checkpoint-dir instead")
+    return changes
+
+
+def main(checkpoint: str, extra: list[str], *, compare: bool) -> int:
+    path = locate(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        footer = verify_file(path)
+    except CorruptCheckpointError as e:
+        raise CheckpointError(f"{path} is not a usable checkpoint: {e}") from None
+    old = footer.get("args")
+    if not isinstance(old, dict):
+        raise CheckpointError(f"{path} holds no training options (not written by the train command?)")
+    new = {**old, **parse_overrides(extra)}
+    config.validate(TrainConfig(**{k: v for k, v in new.items() if k in config.OPTION_NAMES}))
+    out = Console()
+    if compare or extra:
+        changes = print_changes(old, new, title=f"{path.name} (step {footer.get('step')}): proposed changes",
+                                console=out)
+        if not changes:
+            out.print("no changes: the command resumes the run exactly as it was")
+    print(command_for(path, new))
+    return 0

@@ -1,0 +1,364 @@
+"""The training loop: GPT + AdamW + warmup/cosine, with the checkpoint store as its first client.
+
+    train                                   # the demo: default model, built-in corpus, a few minutes on CPU
+    train --resume latest                   # continue bitwise-exactly where it stopped
+
+State lives in plain view on the Trainer. After every optimizer step the loop records the
+"boundary" (RNG states and data positions at that instant); every checkpoint is built from the
+model, optimizer and scheduler, which change only inside the optimizer update, plus that boundary.
+So a stop at any moment, mid-accumulation included, saves the exact state after the last finished
+step, and resuming from it replays the rest of the run bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from typing import Any, Protocol
+
+import torch
+
+from .checkpoint import CheckpointError, CheckpointManager, Kind, SaveResult
+from .config import DataError, TrainConfig
+from .data import TokenLoader, load_dataset
+from .metrics import MetricsLogger
+from .model import GPT, GPTConfig
+from .signals import GracefulStop
+from .state import capture_rng_state, restore_rng_state
+
+logger = logging.getLogger("train_improved")
+
+
+class Progress(Protocol):
+    def start(self, total: int, completed: int) -> None: ...
+    def update(self, step: int, **fields: float) -> None: ...
+    def stop(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, total: int, completed: int) -> None: ...
+    def update(self, step: int, **fields: float) -> None: ...
+    def stop(self) -> None: ...
+
+
+def pick_device(requested: str) -> str:
+    if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise DataError(f"--device {requested}: CUDA is not available on this machine")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise DataError("--device mps: MPS is not available on this machine")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def lr_multiplier(cfg: TrainConfig, total_steps: int):  # noqa: ANN201 - returns a plain function (LambdaLR saves no state for it)
+    floor = cfg.min_lr / cfg.lr if cfg.lr else 1.0
+
+    def multiplier(done: int) -> float:
+        if done < cfg.warmup_steps:
+            return (done + 1) / cfg.warmup_steps
+        decay_steps = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (done - cfg.warmup_steps) / decay_steps)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, manager: CheckpointManager, *, metrics: MetricsLogger,
+                 progress: Progress | None = None) -> None:
+        self.cfg, self.manager, self.metrics = cfg, manager, metrics
+        self.progress = progress or NoProgress()
+        self.device = pick_device(cfg.device)
+        device_type = "cuda" if self.device.startswith("cuda") else self.device
+        ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+        self.autocast = (nullcontext() if cfg.dtype == "float32"
+                         else torch.autocast(device_type=device_type, dtype=ptdtype))
+        torch.manual_seed(cfg.seed)
+        import random
+
+        import numpy as np
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        self.dataset = load_dataset(cfg.data, vocab_size=cfg.vocab_size)
+        self.train_loader = TokenLoader(self.dataset.train, cfg.mini_batch_size, cfg.block_size, name="train")
+        self.val_loader = TokenLoader(self.dataset.val, cfg.mini_batch_size, cfg.block_size, name="validation")
+        self.steps_per_epoch = self.train_loader.batches_per_pass // cfg.grad_accum_steps
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the training split holds {self.train_loader.batches_per_pass} mini-batches, "
+                            f"fewer than one optimizer step needs ({cfg.grad_accum_steps}); lower --batch-size")
+        epoch_steps = cfg.num_epochs * self.steps_per_epoch
+        self.total_steps = epoch_steps if cfg.max_steps is None else min(cfg.max_steps, epoch_steps)
+
+        self.model_config = GPTConfig(vocab_size=self.dataset.vocab_size, block_size=cfg.block_size,
+                                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+        self.raw_model = GPT(self.model_config).to(self.device)
+        # Checkpoints always hold the raw module's state_dict: no "_orig_mod." prefix from compile.
+        self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        self.optimizer = self.raw_model.configure_optimizer(cfg.lr, cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(cfg, self.total_steps))
+        self.scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
+
+        self.step = 0  # optimizer steps completed
+        self.train_loss: float | None = None
+        self.val_loss: float | None = None
+        self.best_val_loss: float | None = None
+        self.last_eval_step = 0
+        self.resumed_from: str | None = None
+        self._save_every = cfg.checkpoint_freq if isinstance(cfg.checkpoint_freq, int) else None
+        self._updating = False  # inside the optimizer update: the state is not consistent
+        self._step_time: float | None = None  # seconds per step (moving average), for --checkpoint-freq auto
+        self._last_save: SaveResult | None = None
+        self._mark_boundary()
+
+    # ------------------------------------------------------------------ state
+
+    def _mark_boundary(self) -> None:
+        self._boundary = {
+            "rng_state": capture_rng_state(),
+            "dataloader_state": {
+                **{f"train_{k}": v for k, v in self.train_loader.state_dict().items()},
+                **{f"val_{k}": v for k, v in self.val_loader.state_dict().items()},
+            },
+        }
+
+    def epoch_of(self, step: int) -> int:
+        return max(0, step - 1) // self.steps_per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that determines the rest of the run, as plain data (weights_only-loadable)."""
+        state = {
+            "step": self.step,
+            "epoch": self.epoch_of(self.step),
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "best_val_loss": self.best_val_loss,
+            "last_eval_step": self.last_eval_step,
+            "args": self.cfg.to_dict(),
+            "world_size": 1,
+            **self._boundary,
+        }
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            self.raw_model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError("the checkpoint's model does not fit this model shape: "
+                            f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        data = state["dataloader_state"]
+        self.train_loader.load_state_dict({"curr_shard": data["train_curr_shard"], "curr_pos": data["train_curr_pos"]})
+        self.val_loader.load_state_dict({"curr_shard": data["val_curr_shard"], "curr_pos": data["val_curr_pos"]})
+        self.step = int(state["step"])
+        self.train_loss, self.val_loss = state.get("train_loss"), state.get("val_loss")
+        self.best_val_loss = state.get("best_val_loss")
+        self.last_eval_step = int(state.get("last_eval_step", self.step))
+        restore_rng_state(state["rng_state"])
+        self._mark_boundary()
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self, stop: GracefulStop) -> float | None:
+        """One optimizer step; None if a stop request abandoned it (nothing was updated)."""
+        accum = self.cfg.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            if stop.requested:
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            x, y = (t.to(self.device, non_blocking=True) for t in self.train_loader.next_batch())
+            with self.autocast:
+                _, loss = self.model(x, y)
+            loss = loss / accum  # the gradient of the mean over the whole batch
+            loss_sum += loss.detach()
+            self.scaler.scale(loss).backward()
+        self._updating = True  # an exception from here on leaves model and optimizer half-updated
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)  # flush the gradients now, no need for this memory
+        self.scheduler.step()
+        self._updating = False
+        self.step += 1
+        self._mark_boundary()
+        return loss_sum.item()
+
+    @torch.no_grad()
+    def evaluate(self, stop: GracefulStop) -> float | None:
+        """Mean loss over the first --eval-steps held-out batches; None if a stop request cut it short.
+
+        Every evaluation reads the same batches, so values compare across evaluations and resumes;
+        in eval mode dropout draws no random numbers, so the training RNG stream is untouched.
+        """
+        self.model.eval()
+        self.val_loader.reset()
+        total = 0.0
+        for _ in range(self.cfg.eval_steps):
+            if stop.requested:
+                self.model.train()
+                return None
+            x, y = (t.to(self.device) for t in self.val_loader.next_batch())
+            with self.autocast:
+                _, loss = self.model(x, y)
+            total += loss.item()
+        self.model.train()
+        self._boundary["dataloader_state"].update(
+            {f"val_{k}": v for k, v in self.val_loader.state_dict().items()})
+        return total / self.cfg.eval_steps
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, stop: GracefulStop) -> int:
+        """Train to the end or until stopped; return the process exit code."""
+        cfg = self.cfg
+        self.progress.start(self.total_steps, self.step)
+        tokens_per_step = cfg.batch_size * cfg.block_size
+        try:
+            if self._eval_due(self.step) and self.last_eval_step < self.step:
+                self._evaluate_and_save(stop)  # an evaluation a stop cut short is redone first
+            while self.step < self.total_steps and not stop.requested:
+                t0 = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss = self.train_step(stop)
+                if loss is None:
+                    break
+                dt = time.perf_counter() - t0
+                self._step_time = dt if self._step_time is None else 0.9 * self._step_time + 0.1 * dt
+                self.train_loss = loss
+                self.metrics.log("step", step=self.step, epoch=self.epoch_of(self.step), loss=loss, lr=lr,
+                                 tokens_per_s=tokens_per_step / dt)
+                self.progress.update(self.step, loss=loss, lr=lr, tokens_per_s=tokens_per_step / dt)
+                self._after_step(stop)
+            if stop.requested:
+                return self._emergency_stop(stop)
+            self._log_results(self.manager.wait_until_finished())
+            self._save([Kind.ROLLING], final=True)  # latest.pt holds the final state
+            self._log_results(self.manager.wait_until_finished())
+            return 0
+        except Exception:
+            self._emergency_after_crash()
+            raise
+        finally:
+            self.progress.stop()
+
+    def _eval_due(self, step: int) -> bool:
+        return step > 0 and (step % self.cfg.eval_interval == 0 or step == self.total_steps)
+
+    def _after_step(self, stop: GracefulStop) -> None:
+        self._log_results(self.manager.poll())
+        kinds = []
+        if self._eval_due(self.step):
+            kinds += self._evaluate_and_save(stop, save=False)
+        if self._save_every and self.step % self._save_every == 0:
+            kinds.append(Kind.ROLLING)
+        if self.step % self.steps_per_epoch == 0:
+            kinds.append(Kind.EPOCH)
+            self.train_loader.reset()  # the next epoch starts at the beginning; a partial batch is dropped
+            self._mark_boundary()
+        self._save(kinds)
+
+    def _evaluate_and_save(self, stop: GracefulStop, save: bool = True) -> list[Kind]:
+        val = self.evaluate(stop)
+        if val is None:
+            return []
+        self.val_loss, self.last_eval_step = val, self.step
+        if self.best_val_loss is None or val < self.best_val_loss:
+            self.best_val_loss = val
+        self.metrics.log("eval", step=self.step, val_loss=val)
+        logger.info("step %d: val_loss %.4f (best %.4f)", self.step, val, self.best_val_loss)
+        kinds = [Kind.BEST] if self.manager.is_improvement(self._metrics()) else []
+        if save:
+            self._save(kinds)
+        return kinds
+
+    def _metrics(self) -> dict[str, float]:
+        return {k: v for k, v in (("val_loss", self.val_loss), ("train_loss", self.train_loss)) if v is not None}
+
+    def _save(self, kinds: list[Kind], final: bool = False) -> None:
+        if final:
+            latest = self.manager.latest()
+            if latest is not None and latest.ok and latest.step == self.step:
+                return
+        if kinds:
+            self.manager.save(self.state_dict(), step=self.step, epoch=self.epoch_of(self.step), kinds=kinds,
+                              metrics=self._metrics(), meta={"args": self.cfg.to_dict()})
+            if self.cfg.checkpoint_freq == "auto":
+                self._retune_checkpoint_freq()
+
+    def _log_results(self, results: list[SaveResult]) -> None:
+        for r in results:
+            if r.error:
+                logger.warning("checkpoint at step %d (%s) failed: %s", r.step, r.kind.value, r.error)
+                continue
+            self.metrics.log("checkpoint", step=r.step, kind=r.kind.value,
+                             path=str(self.manager.directory / r.name), bytes=r.bytes,
+                             stall_s=r.stall_s, write_s=r.write_s)
+            self._last_save = r
+
+    def _retune_checkpoint_freq(self) -> None:
+        """--checkpoint-freq auto: Young's interval sqrt(2 * cost * MTBF), in steps, from measured costs."""
+        if self._last_save is None or not self._step_time:
+            return
+        cost = max(self._last_save.stall_s, 1e-3)
+        interval_s = math.sqrt(2 * cost * self.cfg.mtbf)
+        every = max(1, round(interval_s / self._step_time))
+        if every != self._save_every:
+            logger.info("checkpoint interval: every %d steps (save cost %.3fs, MTBF %.0fs)", every, cost, self.cfg.mtbf)
+            self._save_every = every
+
+    def _emergency_stop(self, stop: GracefulStop) -> int:
+        logger.warning("received %s: saving an emergency checkpoint at step %d", stop.name(), self.step)
+        self._log_results(self.manager.wait_until_finished())  # commits stay in order
+        self.manager.save(self.state_dict(), step=self.step, epoch=self.epoch_of(self.step),
+                          kinds=Kind.EMERGENCY, metrics=self._metrics(), meta={"args": self.cfg.to_dict()})
+        results = self.manager.wait_until_finished()
+        self._log_results(results)
+        if results and not any(r.error for r in results):
+            logger.warning("emergency checkpoint %s written; resume with: train --resume latest", results[0].name)
+        return stop.exit_code
+
+    def _emergency_after_crash(self) -> None:
+        if self._updating:
+            logger.error("the error hit during the optimizer update, so the in-memory state is inconsistent: "
+                         "no emergency checkpoint; latest.pt is intact")
+            return
+        logger.error("training failed at step %d: writing an emergency checkpoint before the traceback", self.step)
+        try:
+            self.manager.wait_until_finished()
+            self.manager.save(self.state_dict(), step=self.step, epoch=self.epoch_of(self.step),
+                              kinds=Kind.EMERGENCY, metrics=self._metrics(), meta={"args": self.cfg.to_dict()})
+            self._log_results(self.manager.wait_until_finished())
+        except Exception as e:  # noqa: BLE001 - the original error matters more; report this one and go on
+            logger.error("the emergency checkpoint also failed: %s", e)
+
+    # ------------------------------------------------------------------ the end of the demo
+
+    def sample(self, length: int) -> str | None:
+        """A short text sample from the best model (byte-level data only)."""
+        if length <= 0 or self.dataset.vocab_size != 256:
+            return None
+        best = self.manager.best()
+        if best is not None and best.ok:
+            state, _ = self.manager.restore("best", map_location=self.device)
+            self.raw_model.load_state_dict(state["model"])
+        self.raw_model.eval()
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        prompt = torch.tensor([list(b"def ")], dtype=torch.long, device=self.device)
+        out = self.raw_model.generate(prompt, length, generator=generator)
+        return bytes(out[0].tolist()).decode("utf-8", errors="replace")
