@@ -97,7 +97,7 @@ def train(
             raise typer.Exit(show(Path(directory), as_json=json_output, verify=verify))
         raise typer.Exit(_train(given, resume, config_file))
     except (ConfigError, DataError, CheckpointError) as e:
-        err_console.print(f"[red]error:[/] {e}", highlight=False)
+        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -120,45 +120,57 @@ def _train(given: dict[str, Any], resume: str | None, config_file: str | None) -
     if resume not in (None, "latest", "best", "auto") and (os.sep in resume or resume.startswith((".", "~"))):
         stored = _footer_args(Path(resume).expanduser())  # a path elsewhere also brings its checkpoint dir
     pre = config.resolve(cli=given, environ=os.environ, config_file=config_file, stored=stored, check=False)
-    manager = CheckpointManager(pre.checkpoint_dir, checkpoint_options(pre))
+    directory = Path(pre.checkpoint_dir)
+    manager, state, info = None, None, None
     try:
-        state, info = None, None
-        if resume is not None:
+        if resume is not None and (directory.is_dir() or resume not in ("latest", "best", "auto")):
+            manager = CheckpointManager(directory, checkpoint_options(pre))  # the lock comes before reading
             try:
                 state, info = manager.restore("latest" if resume == "auto" else resume)
             except NoCheckpointError:
                 if resume != "auto":
-                    raise CheckpointError(f"no checkpoint to resume from in {pre.checkpoint_dir}; run without "
-                                          "--resume to start, or use --resume auto in job scripts") from None
-                err_console.print(f"no checkpoint in {pre.checkpoint_dir}: starting fresh (--resume auto)")
-        elif (latest := manager.latest_step()) is not None:
-            raise CheckpointError(f"{pre.checkpoint_dir} already holds checkpoints (up to step {latest}); pass "
-                                  "--resume latest to continue that run, or choose another --checkpoint-dir")
+                    raise
+        if resume in ("latest", "best") and state is None:
+            raise CheckpointError(f"no checkpoint to resume from in {directory}; run without --resume to "
+                                  "start, or use --resume auto in job scripts")
+        if resume == "auto" and state is None:
+            err_console.print(f"no checkpoint in {directory}: starting fresh (--resume auto)")
+        if resume is None and directory.is_dir():
+            latest = CheckpointManager(directory, read_only=True).latest_step()
+            if latest is not None:
+                raise CheckpointError(f"{directory} already holds checkpoints (up to step {latest}); pass "
+                                      "--resume latest to continue that run, or choose another --checkpoint-dir")
         cfg = config.resolve(cli=given, environ=os.environ, config_file=config_file,
                              stored=state["args"] if state else None)
         if state is not None:
             print_changes(state["args"], cfg.to_dict(), title="Changes from the checkpoint's options")
+        # Data and model are built, and so checked, before a fresh run writes anything.
+        trainer = Trainer(cfg, progress=RichProgress())
+        if state is not None and info is not None:
+            trainer.load_state_dict(state)
+        if manager is None:
+            manager = CheckpointManager(cfg.checkpoint_dir, checkpoint_options(cfg))
         manager.options = checkpoint_options(cfg)
         metrics = MetricsLogger(cfg.metrics_path, tensorboard_dir=Path(cfg.log_dir) if cfg.use_tensorboard else None)
         try:
+            if info is not None:
+                metrics.log("resume", path=str(info.path), step=trainer.step)
+                err_console.print(f"resumed from {info.path} at step {trainer.step}", highlight=False)
             with GracefulStop() as stop:
-                trainer = Trainer(cfg, manager, metrics=metrics, progress=RichProgress())
-                if state is not None and info is not None:
-                    trainer.load_state_dict(state)
-                    metrics.log("resume", path=str(info.path), step=trainer.step)
-                    err_console.print(f"resumed from {info.path} at step {trainer.step}", highlight=False)
-                code = trainer.run(stop)
+                code = trainer.run(stop, manager, metrics)
             if code == 0:
                 if (text := trainer.sample(cfg.sample_length)) is not None:
                     err_console.rule("sample from the best model")
                     print(text)
-                err_console.print(f"done: step {trainer.step}, val_loss {trainer.val_loss:.4f}, "
-                                  f"checkpoints in {cfg.checkpoint_dir}", highlight=False)
+                val = f"{trainer.val_loss:.4f}" if trainer.val_loss is not None else "-"
+                err_console.print(f"done: step {trainer.step}, val_loss {val}, checkpoints in {cfg.checkpoint_dir}",
+                                  highlight=False)
             return code
         finally:
             metrics.close()
     finally:
-        manager.close()
+        if manager is not None:
+            manager.close()
 
 
 def _footer_args(path: Path) -> dict[str, Any] | None:
@@ -184,7 +196,7 @@ def generate_resume_command(
     try:
         raise typer.Exit(main(checkpoint, ctx.args, compare=compare))
     except (ConfigError, CheckpointError) as e:
-        err_console.print(f"[red]error:[/] {e}", highlight=False)
+        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

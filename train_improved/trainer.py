@@ -69,9 +69,9 @@ def lr_multiplier(cfg: TrainConfig, total_steps: int):  # noqa: ANN201 - returns
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, manager: CheckpointManager, *, metrics: MetricsLogger,
-                 progress: Progress | None = None) -> None:
-        self.cfg, self.manager, self.metrics = cfg, manager, metrics
+    def __init__(self, cfg: TrainConfig, *, progress: Progress | None = None) -> None:
+        """Build data, model and optimizer; nothing is written until `run()`."""
+        self.cfg = cfg
         self.progress = progress or NoProgress()
         self.device = pick_device(cfg.device)
         device_type = "cuda" if self.device.startswith("cuda") else self.device
@@ -224,9 +224,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, stop: GracefulStop) -> int:
+    def run(self, stop: GracefulStop, manager: CheckpointManager, metrics: MetricsLogger) -> int:
         """Train to the end or until stopped; return the process exit code."""
         cfg = self.cfg
+        self.manager, self.metrics = manager, metrics
         self.progress.start(self.total_steps, self.step)
         tokens_per_step = cfg.batch_size * cfg.block_size
         try:
@@ -294,7 +295,7 @@ class Trainer:
         if final:
             latest = self.manager.latest()
             if latest is not None and latest.ok and latest.step == self.step:
-                return
+                return  # the final state is already committed
         if kinds:
             self.manager.save(self.state_dict(), step=self.step, epoch=self.epoch_of(self.step), kinds=kinds,
                               metrics=self._metrics(), meta={"args": self.cfg.to_dict()})

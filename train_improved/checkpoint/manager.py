@@ -410,10 +410,9 @@ class CheckpointManager:
     def _point_latest_to(self, path: Path, step: int) -> None:
         latest = self.directory / layout.LATEST
         current = self._named(layout.LATEST)
-        if current is not None and current.ok and current.step == step:
-            return  # latest already holds this step's state (e.g. best and rolling at one step)
-        if current is not None and current.ok:
-            # A damaged latest is replaced, never rotated over the good backup.
+        # latest_backup.pt keeps the previous *step*: a second save at the same step (best and rolling
+        # together) re-points latest only. A damaged latest is replaced, never rotated over the backup.
+        if current is not None and current.ok and current.step != step:
             storage.link_checkpoint(latest, self.directory / layout.LATEST_BACKUP)
         storage.link_checkpoint(path, latest)
 

@@ -1,0 +1,64 @@
+"""Shared helpers: a small real text corpus and a way to run the real `train` program."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough to run in a second or two, with dropout and gradient accumulation (2 micro-batches).
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
+        "--mini-batch-size", "4", "--dropout", "0.1", "--lr", "3e-3", "--warmup-steps", "5",
+        "--eval-interval", "10", "--eval-steps", "2", "--checkpoint-freq", "4", "--keep-checkpoints", "3",
+        "--sample-length", "0", "--seed", "7"]
+
+
+def corpus_bytes(n: int) -> bytes:
+    """`n` bytes of real text: the standard library's own sources, in a fixed order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = bytearray()
+    for name in ("argparse.py", "textwrap.py", "string.py", "shlex.py", "fractions.py", "heapq.py"):
+        out += (stdlib / name).read_bytes()
+        if len(out) >= n:
+            break
+    return bytes(out[:n])
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    """About 12 steps per epoch with TINY: 16 KiB, 90% of it for training."""
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(corpus_bytes(16 * 1024))
+    return path
+
+
+def run_train(*args: str, cwd: Path, env: dict[str, str] | None = None, check: bool = False,
+              timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "train_improved", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def step_losses(path: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (after a kill) must have logged the same loss both times."""
+    losses: dict[int, float] = {}
+    for rec in read_metrics(path):
+        if rec["event"] == "step":
+            if rec["step"] in losses:
+                assert losses[rec["step"]] == rec["loss"], f"step {rec['step']} replayed with a different loss"
+            losses[rec["step"]] = rec["loss"]
+    return losses

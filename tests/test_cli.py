@@ -1,0 +1,52 @@
+"""The real `train` program: help, bad input (one line, non-zero, no traceback, nothing written)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_train
+from train_improved.config import OPTION_NAMES
+
+
+def test_help_lists_every_option(tmp_path: Path) -> None:
+    out = run_train("--help", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert out.returncode == 0
+    for name in OPTION_NAMES + ["resume", "list_checkpoints", "config"]:
+        assert f"--{name.replace('_', '-')}" in out.stdout, name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "does/not/exist.txt"], "no such file or directory"),
+    (["--n-embd", "30", "--n-head", "4"], "must be divisible by --n-head"),
+    (["--checkpoint-freq", "-1"], "--checkpoint-freq must be a positive"),
+    (["--batch-size", "0"], "--batch-size must be a positive"),
+    (["--device", "tpu"], "--device must be"),
+    (["--config", "missing.toml"], "config file missing.toml does not exist"),
+    (["--min-free-space", "lots"], "expected a size like 10GB"),
+    (["--resume", "latest"], "no checkpoint to resume from"),
+    (["--resume", "./nope.pt"], "no checkpoint named ./nope.pt"),
+])
+def test_bad_input_is_one_clear_line(tmp_path: Path, text_file: Path, args: list[str], message: str) -> None:
+    out = run_train("--data", str(text_file), *TINY, *args, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert message in " ".join(out.stderr.split()), out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()
+    assert not list((tmp_path / "checkpoints").glob("*.pt")) if (tmp_path / "checkpoints").exists() else True
+
+
+def test_checkpoint_dir_that_is_a_file_is_refused(tmp_path: Path, text_file: Path) -> None:
+    (tmp_path / "ck").write_text("not a dir")
+    out = run_train("--data", str(text_file), *TINY, "--checkpoint-dir", "ck", cwd=tmp_path)
+    assert out.returncode == 1 and "is a file, not a directory" in out.stderr and "Traceback" not in out.stderr
+    assert (tmp_path / "ck").read_text() == "not a dir"
+
+
+def test_starting_fresh_over_an_existing_run_is_refused(tmp_path: Path, text_file: Path) -> None:
+    run_train("--data", str(text_file), *TINY, "--max-steps", "4", cwd=tmp_path, check=True)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()}
+    out = run_train("--data", str(text_file), *TINY, "--max-steps", "4", cwd=tmp_path)
+    assert out.returncode == 1 and "--resume latest" in out.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()} == before

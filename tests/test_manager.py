@@ -1,0 +1,193 @@
+"""The store's policy: layout, retention, best tracking, fallback, locking and disk space."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_improved.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointOptions,
+    Kind,
+    NoCheckpointError,
+    storage,
+)
+from train_improved.checkpoint.retention import keep_last
+
+
+def st(step: int) -> dict:
+    w = torch.full((32, 32), float(step))
+    return {"model": {"w": w, "tied": w}, "step": step}
+
+
+def run(manager: CheckpointManager, steps: range, val: dict[int, float] | None = None) -> None:
+    for step in steps:
+        kinds = []
+        if val and step in val:
+            kinds.append(Kind.BEST)
+        if manager.should_save(step):
+            kinds.append(Kind.ROLLING)
+        if kinds:
+            manager.save(st(step), step=step, kinds=kinds, metrics={"val_loss": val[step]} if val and step in val else None)
+    manager.wait_until_finished()
+
+
+def names(d: Path) -> set[str]:
+    return {p.name for p in d.iterdir() if p.suffix == ".pt"}
+
+
+def test_retention_policy_is_pure() -> None:
+    assert keep_last(2)(["a", "b", "c"]) == [False, True, True]
+    assert keep_last(5)(["a"]) == [True]
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_layout_after_a_run(tmp_path: Path, async_save: bool) -> None:
+    d = tmp_path / "ck"
+    with CheckpointManager(d, CheckpointOptions(keep_rolling=2, save_every=2, async_save=async_save)) as m:
+        run(m, range(1, 11), val={3: 5.0, 6: 4.0, 9: 4.5})
+        m.save(st(10), step=10, epoch=0, kinds=Kind.EPOCH)
+        m.save(st(10), step=10, kinds=Kind.EMERGENCY)
+        m.wait_until_finished()
+    assert names(d) >= {"latest.pt", "latest_backup.pt", "rolling_step_000008.pt", "rolling_step_000010.pt",
+                        "rolling_last_backup.pt", "best_model.pt", "best_model_backup.pt",
+                        "best_model_previous.pt", "epoch_00000.pt"}
+    assert len([n for n in names(d) if n.startswith("rolling_step_")]) == 2
+    assert len([n for n in names(d) if n.startswith("emergency_step_000010_")]) == 1
+    load = lambda n: torch.load(d / n, weights_only=True)  # noqa: E731
+    assert load("best_model.pt")["step"] == 6 and load("best_model_previous.pt")["step"] == 3
+    assert storage.read_footer(d / "best_model_previous.pt")["metrics"]["val_loss"] > 4.0
+    assert load("latest.pt")["step"] == 10
+    # Backups are independent copies: equal bytes, separate inodes.
+    for twin, backup in (("best_model.pt", "best_model_backup.pt"), ("rolling_step_000010.pt", "rolling_last_backup.pt")):
+        assert (d / twin).read_bytes() == (d / backup).read_bytes()
+        assert os.stat(d / twin).st_ino != os.stat(d / backup).st_ino
+    assert not list(d.glob(".tmp-*"))
+    history = (d / "history.jsonl").read_text()
+    assert '"event": "delete"' in history and "rolling_step_000002.pt" in history
+
+
+def test_async_and_sync_saves_hold_identical_tensors(tmp_path: Path) -> None:
+    state = {"model": {"w": torch.randn(100, 100)}, "opt": [torch.arange(10)], "n": 3}
+    out = {}
+    for mode in (True, False):
+        with CheckpointManager(tmp_path / str(mode), CheckpointOptions(async_save=mode)) as m:
+            m.save(state, step=1)
+        out[mode] = torch.load(tmp_path / str(mode) / "rolling_step_000001.pt", weights_only=True)
+    assert torch.equal(out[True]["model"]["w"], out[False]["model"]["w"])
+    assert torch.equal(out[True]["opt"][0], out[False]["opt"][0])
+
+
+def test_async_snapshot_is_taken_at_save_time(tmp_path: Path) -> None:
+    w = torch.zeros(1000)
+    with CheckpointManager(tmp_path, CheckpointOptions(async_save=True)) as m:
+        m.save({"w": w}, step=1)
+        w += 1  # training goes on while the writer works
+    assert torch.equal(torch.load(tmp_path / "latest.pt", weights_only=True)["w"], torch.zeros(1000))
+
+
+def test_a_new_manager_sees_the_same_latest_and_best(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=2)) as m:
+        run(m, range(1, 7), val={2: 3.0, 4: 2.0, 6: 2.5})
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=2)) as again:
+        assert again.latest().step == 6 and again.latest_step() == 6
+        assert again.best().step == 4 and again.best_value == 2.0
+        assert not again.is_improvement({"val_loss": 2.2}) and again.is_improvement({"val_loss": 1.9})
+
+
+def test_second_writer_is_refused(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path):
+        with pytest.raises(CheckpointError, match="in use by another train process"):
+            CheckpointManager(tmp_path)
+
+
+def test_fallback_from_damaged_latest_is_loud(tmp_path: Path, caplog) -> None:
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=1)) as m:
+        run(m, range(1, 4))
+    latest = tmp_path / "latest.pt"
+    data = latest.read_bytes()
+    latest.unlink()  # break the hard link first so only latest.pt is damaged
+    latest.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path) as m:
+        state, info = m.restore("latest")
+    assert state["step"] == 3 and info.name in ("rolling_step_000003.pt", "rolling_last_backup.pt")
+    assert "latest.pt failed verification" in caplog.text and "instead of latest.pt" in caplog.text
+
+
+def test_best_falls_back_to_backup_then_previous(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=None)) as m:
+        run(m, range(1, 3), val={1: 2.0, 2: 1.0})
+    (tmp_path / "best_model.pt").write_bytes(b"garbage")
+    with CheckpointManager(tmp_path) as m:
+        assert m.restore("best")[1].name == "best_model_backup.pt"
+    (tmp_path / "best_model_backup.pt").write_bytes(b"")
+    with CheckpointManager(tmp_path) as m:
+        state, info = m.restore("best")
+    assert info.name == "best_model_previous.pt" and state["step"] == 1
+
+
+def test_all_candidates_bad_is_a_clear_error(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=1, keep_rolling=1)) as m:
+        run(m, range(1, 3))
+    for p in tmp_path.glob("*.pt"):
+        p.unlink()
+        p.write_bytes(b"x" * 100)
+    with CheckpointManager(tmp_path) as m, pytest.raises(CheckpointError, match="no valid checkpoint"):
+        m.restore("latest")
+
+
+def test_empty_directory_has_nothing_to_restore(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path) as m, pytest.raises(NoCheckpointError):
+        m.restore("latest")
+
+
+def test_disk_error_mid_save_keeps_earlier_files_and_reports(tmp_path: Path, monkeypatch) -> None:
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=1)) as m:
+        run(m, range(1, 3))
+        before = {p.name: p.read_bytes() for p in tmp_path.glob("*.pt")}
+
+        def enospc(fd):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(storage.os, "fsync", enospc)
+        m.save(st(3), step=3)
+        results = m.wait_until_finished()
+        monkeypatch.undo()
+        assert results[0].error and "No space left on device" in results[0].error
+        assert {p.name: p.read_bytes() for p in tmp_path.glob("*.pt")} == before
+        assert not list(tmp_path.glob(".tmp-*"))
+        m.save(st(4), step=4)  # the next save works again
+        assert not m.wait_until_finished()[0].error
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 4
+
+
+def test_low_disk_space_skips_the_save(tmp_path: Path, monkeypatch, caplog) -> None:
+    with CheckpointManager(tmp_path, CheckpointOptions(min_free_bytes=10**6)) as m:
+        monkeypatch.setattr(storage, "free_bytes", lambda d: 1000)
+        with caplog.at_level(logging.WARNING):
+            assert m.save(st(1), step=1) is False
+        assert m.poll()[0].skipped
+    assert "skipping this save" in caplog.text and not list(tmp_path.glob("*.pt"))
+
+
+def test_resumed_file_is_never_pruned(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=1, keep_rolling=1)) as m:
+        run(m, range(1, 3))
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=1, keep_rolling=1)) as m:
+        m.restore("rolling_step_000002.pt")
+        run(m, range(3, 6))
+    assert {"rolling_step_000002.pt", "rolling_step_000005.pt"} <= names(tmp_path)
+    assert "rolling_step_000004.pt" not in names(tmp_path)
+
+
+def test_names_resolve_inside_the_directory(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path / "ck") as m:
+        assert m.resolve("rolling_step_000001.pt") == tmp_path / "ck" / "rolling_step_000001.pt"
+        assert m.resolve("../../etc/passwd") == Path("../../etc/passwd")
+        with pytest.raises(CheckpointError, match="no checkpoint named nope.pt"):
+            m.restore("nope.pt")

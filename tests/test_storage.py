@@ -1,0 +1,156 @@
+"""The crash-safe write, the footer, verification and secure loading (train_improved.checkpoint.storage)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_improved.checkpoint import storage
+from train_improved.checkpoint.storage import (
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    load_checkpoint,
+    read_footer,
+    verify_file,
+    write_checkpoint,
+)
+
+
+def state(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"model": {"w": torch.randn(64, 64, generator=g)}, "step": seed, "args": {"lr": 0.1}}
+
+
+def temp_files(d: Path) -> list[Path]:
+    return list(d.glob(f"{storage.TEMP_PREFIX}*"))
+
+
+def test_written_file_loads_with_plain_torch_and_carries_its_footer(tmp_path: Path) -> None:
+    path = tmp_path / "a.pt"
+    footer = write_checkpoint(path, state(1), {"step": 1, "kind": "rolling"})
+    loaded = torch.load(path, weights_only=True)  # what a user with only torch does
+    assert torch.equal(loaded["model"]["w"], state(1)["model"]["w"])
+    assert read_footer(path) == footer
+    assert footer["step"] == 1 and footer["algorithm"] == "xxh3_128"
+    assert verify_file(path)["digest"] == footer["digest"]
+    assert not temp_files(tmp_path)
+
+
+@pytest.mark.parametrize("phase", ["serialize", "fsync", "verify", "rename", "fsync_dir"])
+def test_failure_at_each_write_phase_leaves_old_file_identical_and_no_temp(tmp_path: Path, monkeypatch, phase) -> None:
+    path = tmp_path / "latest.pt"
+    write_checkpoint(path, state(1), {"step": 1})
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    target = {"serialize": (torch, "save"), "fsync": (os, "fsync"), "rename": (os, "replace"),
+              "fsync_dir": (storage, "fsync_dir"), "verify": (storage, "_hash_payload")}[phase]
+    if phase == "verify":
+        monkeypatch.setattr(storage, "_hash_payload", lambda f, n: "0" * 32)
+    else:
+        monkeypatch.setattr(*target, boom)
+    with pytest.raises(CheckpointWriteError) as err:
+        write_checkpoint(path, state(2), {"step": 2})
+    assert "latest.pt" in str(err.value)
+    monkeypatch.undo()
+    if phase == "fsync_dir":
+        # The rename itself happened: the new file is complete and verified, only its durability is unknown.
+        assert verify_file(path)["step"] in (1, 2)
+    else:
+        assert path.read_bytes() == before
+    assert not temp_files(tmp_path)
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncate_half", "truncate_tail", "flip_header", "flip_tensor", "flip_footer",
+                                    "empty", "foreign_text", "foreign_torch"])
+def test_damaged_or_foreign_files_are_detected(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "x.pt"
+    write_checkpoint(path, state(3), {"step": 3})
+    size = path.stat().st_size
+    footer_len = len(path.read_bytes()) - read_footer(path)["payload_bytes"]
+    if damage == "truncate_half":
+        os.truncate(path, size // 2)
+    elif damage == "truncate_tail":
+        os.truncate(path, size - 5)
+    elif damage == "flip_header":
+        flip(path, 10)
+    elif damage == "flip_tensor":
+        flip(path, size // 2)
+    elif damage == "flip_footer":
+        flip(path, size - footer_len + 5)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "foreign_text":
+        path.write_text("hello, I am not a checkpoint\n" * 10)
+    elif damage == "foreign_torch":
+        torch.save({"w": torch.ones(3)}, path)
+    with pytest.raises(CorruptCheckpointError):
+        load_checkpoint(path)
+
+
+def test_directory_instead_of_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "d.pt").mkdir()
+    with pytest.raises(CorruptCheckpointError, match="directory"):
+        load_checkpoint(tmp_path / "d.pt")
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {Payload.marker}",))
+
+
+def forge(path: Path, obj: object) -> None:
+    """A malicious pickle wearing a valid footer: the digest passes, so only weights_only stands guard."""
+    import io
+    import json
+
+    import xxhash
+
+    buf = io.BytesIO()
+    torch.save(obj, buf, pickle_protocol=2)
+    payload = buf.getvalue()
+    meta = {"digest": xxhash.xxh3_128(payload).hexdigest(), "payload_bytes": len(payload), "step": 1,
+            "format_version": 1, "args": {"lr": 1.0}}
+    body = json.dumps(meta).encode()
+    footer = body + struct.pack("<I8s", len(body), storage.FOOTER_MAGIC)
+    path.write_bytes(payload[:-2] + struct.pack("<H", len(footer)) + footer)
+
+
+def test_hostile_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
+    Payload.marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    forge(path, {"x": Payload()})
+    verify_file(path)  # the forgery is internally consistent...
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        load_checkpoint(path)  # ...and still refused
+    assert not Payload.marker.exists()
+
+
+def test_plain_pickle_without_footer_is_never_unpickled(tmp_path: Path) -> None:
+    Payload.marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CorruptCheckpointError):
+        load_checkpoint(path)
+    assert not Payload.marker.exists()
+
+
+def test_stale_temp_files_are_cleaned(tmp_path: Path) -> None:
+    stale = storage.temp_path_for(tmp_path / "latest.pt")
+    stale.write_bytes(b"half a checkpoint")
+    assert storage.clean_temp_files(tmp_path) == [stale]
+    assert not stale.exists()
