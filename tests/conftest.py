@@ -31,11 +31,16 @@ def corpus_bytes(n: int) -> bytes:
     return bytes(out[:n])
 
 
+# With TINY (4 x 32 tokens per micro-batch, 2 per step): 3150 training bytes = 24 micro-batches = 12 steps
+# per epoch; 350 held-out bytes.
+CORPUS_BYTES = 3500
+STEPS_PER_EPOCH = 12
+
+
 @pytest.fixture
 def text_file(tmp_path: Path) -> Path:
-    """About 12 steps per epoch with TINY: 16 KiB, 90% of it for training."""
     path = tmp_path / "corpus.txt"
-    path.write_bytes(corpus_bytes(16 * 1024))
+    path.write_bytes(corpus_bytes(CORPUS_BYTES))
     return path
 
 

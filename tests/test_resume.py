@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, read_metrics, run_train, step_losses
+from conftest import CORPUS_BYTES, STEPS_PER_EPOCH, TINY, read_metrics, run_train, step_losses
 
 STEPS = 40
 ARGS = [*TINY, "--max-steps", str(STEPS), "--num-epochs", "10"]
@@ -29,8 +29,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from conftest import corpus_bytes
 
     d = tmp_path_factory.mktemp("reference")
-    (d / "corpus.txt").write_bytes(corpus_bytes(16 * 1024))
+    (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
     run_train("--data", "corpus.txt", *ARGS, cwd=d, check=True)
+    # The interruptions below must straddle epoch ends and evaluations for the test to mean anything.
+    assert STEPS_PER_EPOCH == 12 and (d / "checkpoints" / "epoch_00002.pt").exists()
+    assert [r["step"] for r in read_metrics(d / "runs" / "metrics.jsonl") if r["event"] == "eval"] == [10, 20, 30, 40]
     return d
 
 

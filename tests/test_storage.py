@@ -126,7 +126,7 @@ def forge(path: Path, obj: object) -> None:
     meta = {"digest": xxhash.xxh3_128(payload).hexdigest(), "payload_bytes": len(payload), "step": 1,
             "format_version": 1, "args": {"lr": 1.0}}
     body = json.dumps(meta).encode()
-    footer = body + struct.pack("<I8s", len(body), storage.FOOTER_MAGIC)
+    footer = body + struct.pack("<I16s8s", len(body), xxhash.xxh3_64_hexdigest(body).encode(), storage.FOOTER_MAGIC)
     path.write_bytes(payload[:-2] + struct.pack("<H", len(footer)) + footer)
 
 

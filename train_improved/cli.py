@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import config
-from .checkpoint import CheckpointError, CheckpointManager, CheckpointOptions, NoCheckpointError, read_footer
+from .checkpoint import CheckpointError
 from .config import ConfigError, DataError, TrainConfig
 from .progress import configure_logging, err_console
 
@@ -70,6 +70,8 @@ def train(
     async_save: Annotated[Bool, typer.Option("--async-save/--no-async-save", show_default="async",
                                              help="Write checkpoints in the background.")] = None,
     mtbf: Annotated[Str, _opt("mtbf", "Expected time between failures for --checkpoint-freq auto (e.g. 24h).")] = None,
+    emergency_budget: Annotated[Str, _opt("emergency-budget", "Seconds an emergency save may take before it "
+                                                              "skips its read-back check (e.g. 25s).")] = None,
     log_dir: Annotated[Str, _opt("log-dir", "Directory for metrics.jsonl and TensorBoard files.")] = None,
     metrics_file: Annotated[Str, _opt("metrics-file", "JSON-lines metrics file (default <log-dir>/metrics.jsonl).")] = None,
     use_tensorboard: Annotated[Bool, _opt("use-tensorboard/--no-use-tensorboard", "Also write TensorBoard event files to --log-dir.")] = None,
@@ -95,89 +97,13 @@ def train(
             directory = config.resolve(cli=given, environ=os.environ, config_file=config_file,
                                        check=False).checkpoint_dir
             raise typer.Exit(show(Path(directory), as_json=json_output, verify=verify))
-        raise typer.Exit(_train(given, resume, config_file))
+        from .session import run_session
+
+        raise typer.Exit(run_session(given, resume=resume, config_file=config_file))
     except (ConfigError, DataError, CheckpointError) as e:
-        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says so
+            err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-
-
-def checkpoint_options(cfg: TrainConfig) -> CheckpointOptions:
-    return CheckpointOptions(
-        keep_rolling=cfg.keep_checkpoints, keep_emergency=cfg.keep_emergency_checkpoints,
-        save_every=cfg.checkpoint_freq if isinstance(cfg.checkpoint_freq, int) else None,
-        metric=cfg.metric, mode=cfg.mode, min_free_bytes=cfg.min_free_space, async_save=cfg.async_save,  # type: ignore[arg-type]
-    )
-
-
-def _train(given: dict[str, Any], resume: str | None, config_file: str | None) -> int:
-    from .metrics import MetricsLogger
-    from .progress import RichProgress
-    from .resume_command import print_changes
-    from .signals import GracefulStop
-    from .trainer import Trainer
-
-    stored = None
-    if resume not in (None, "latest", "best", "auto") and (os.sep in resume or resume.startswith((".", "~"))):
-        stored = _footer_args(Path(resume).expanduser())  # a path elsewhere also brings its checkpoint dir
-    pre = config.resolve(cli=given, environ=os.environ, config_file=config_file, stored=stored, check=False)
-    directory = Path(pre.checkpoint_dir)
-    manager, state, info = None, None, None
-    try:
-        if resume is not None and (directory.is_dir() or resume not in ("latest", "best", "auto")):
-            manager = CheckpointManager(directory, checkpoint_options(pre))  # the lock comes before reading
-            try:
-                state, info = manager.restore("latest" if resume == "auto" else resume)
-            except NoCheckpointError:
-                if resume != "auto":
-                    raise
-        if resume in ("latest", "best") and state is None:
-            raise CheckpointError(f"no checkpoint to resume from in {directory}; run without --resume to "
-                                  "start, or use --resume auto in job scripts")
-        if resume == "auto" and state is None:
-            err_console.print(f"no checkpoint in {directory}: starting fresh (--resume auto)")
-        if resume is None and directory.is_dir():
-            latest = CheckpointManager(directory, read_only=True).latest_step()
-            if latest is not None:
-                raise CheckpointError(f"{directory} already holds checkpoints (up to step {latest}); pass "
-                                      "--resume latest to continue that run, or choose another --checkpoint-dir")
-        cfg = config.resolve(cli=given, environ=os.environ, config_file=config_file,
-                             stored=state["args"] if state else None)
-        if state is not None:
-            print_changes(state["args"], cfg.to_dict(), title="Changes from the checkpoint's options")
-        # Data and model are built, and so checked, before a fresh run writes anything.
-        trainer = Trainer(cfg, progress=RichProgress())
-        if state is not None and info is not None:
-            trainer.load_state_dict(state)
-        if manager is None:
-            manager = CheckpointManager(cfg.checkpoint_dir, checkpoint_options(cfg))
-        manager.options = checkpoint_options(cfg)
-        metrics = MetricsLogger(cfg.metrics_path, tensorboard_dir=Path(cfg.log_dir) if cfg.use_tensorboard else None)
-        try:
-            if info is not None:
-                metrics.log("resume", path=str(info.path), step=trainer.step)
-                err_console.print(f"resumed from {info.path} at step {trainer.step}", highlight=False)
-            with GracefulStop() as stop:
-                code = trainer.run(stop, manager, metrics)
-            if code == 0:
-                if (text := trainer.sample(cfg.sample_length)) is not None:
-                    err_console.rule("sample from the best model")
-                    print(text)
-                val = f"{trainer.val_loss:.4f}" if trainer.val_loss is not None else "-"
-                err_console.print(f"done: step {trainer.step}, val_loss {val}, checkpoints in {cfg.checkpoint_dir}",
-                                  highlight=False)
-            return code
-        finally:
-            metrics.close()
-    finally:
-        if manager is not None:
-            manager.close()
-
-
-def _footer_args(path: Path) -> dict[str, Any] | None:
-    try:
-        return read_footer(path).get("args")
-    except CheckpointError:
-        return None  # restore() reports the problem with the full fallback story
 
 
 def generate_resume_command(

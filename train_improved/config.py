@@ -38,13 +38,13 @@ class TrainConfig:
     # optimization
     batch_size: int = 32  # sequences per optimizer step
     mini_batch_size: int = 32  # sequences per forward/backward; batch_size / mini_batch_size = accumulation
-    lr: float = 2e-3  # small models tolerate a high peak learning rate
-    min_lr: float = 2e-4  # cosine decay ends here (~lr/10, per Chinchilla)
+    lr: float = 3e-3  # small models tolerate a high peak learning rate
+    min_lr: float = 3e-4  # cosine decay ends here (~lr/10, per Chinchilla)
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
     num_epochs: int = 1
-    max_steps: int | None = 1200  # stop after this optimizer step even mid-epoch; None: run num_epochs
+    max_steps: int | None = 1800  # stop after this optimizer step even mid-epoch; None: run num_epochs
     # evaluation
     eval_interval: int = 200  # steps between evaluations
     eval_steps: int = 20  # held-out batches per evaluation
@@ -63,6 +63,7 @@ class TrainConfig:
     min_free_space: int = 0  # bytes that must stay free after a save, e.g. "10GB"
     async_save: bool = True  # the loop only waits for a copy into reused buffers
     mtbf: float = 86400.0  # expected seconds between failures, for --checkpoint-freq auto
+    emergency_budget: float = 25.0  # seconds an emergency save may take (SIGKILL follows SIGTERM after ~30 s)
     # logging
     log_dir: str = "runs"
     metrics_file: str | None = None  # None: <log_dir>/metrics.jsonl
@@ -151,6 +152,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "data": _parse_optional_str, "metrics_file": _parse_optional_str,
     "vocab_size": _parse_optional_int, "max_steps": _parse_optional_int,
     "checkpoint_freq": _parse_freq, "min_free_space": parse_size, "mtbf": parse_duration,
+    "emergency_budget": parse_duration,
 }
 for _f in fields(TrainConfig):
     if _f.name not in _PARSERS:
@@ -243,6 +245,8 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"--dtype must be float32, bfloat16 or float16 (got {cfg.dtype!r})")
     if cfg.mode not in ("min", "max"):
         p.append(f"--mode must be min or max (got {cfg.mode!r})")
+    if cfg.emergency_budget <= 0:
+        p.append(f"--emergency-budget must be a positive duration (got {cfg.emergency_budget})")
     if cfg.mtbf <= 0:
         p.append(f"--mtbf must be a positive duration (got {cfg.mtbf})")
     if p:

@@ -3,8 +3,8 @@
 `--data` may be
   * nothing: the built-in corpus, made at first use from this Python's standard library sources
     (real text on every machine, nothing downloaded), byte-level, prepared once into token shards
-    under the cache directory; files are taken in sorted order and about 5% of them, chosen by a
-    hash of their relative path, form the fixed held-out split;
+    under the cache directory; files are ordered by a fixed hash of their relative path, and about
+    5% of them, chosen by another such hash, form the fixed held-out split;
   * a UTF-8 text file, or a directory of .txt files (sorted), byte-level; the last 10% is held out;
   * a directory of token shards, *.npy or nanoGPT-style *.bin (raw uint16), split into train and
     val by file name.
@@ -28,6 +28,7 @@ import torch
 
 from .config import DataError
 
+CORPUS_VERSION = 2  # bump when the built-in corpus's construction changes
 SHARD_TOKENS = 8 * 1024 * 1024  # built-in corpus shard size (tokens = bytes)
 TEXT_VAL_FRACTION = 0.1
 
@@ -118,8 +119,11 @@ def build_stdlib_corpus(cache_dir: Path) -> Path:
     )
     if not files:
         raise DataError(f"no Python sources found under {stdlib} to build the default corpus; pass --data")
+    # Order by a fixed hash of the path, not alphabetically: any prefix of the stream (a short run sees
+    # only a prefix) is then a fair sample of the library rather than, say, only the encodings tables.
+    files.sort(key=lambda f: (zlib.crc32(f[0].encode(), 1), f[0]))
     fingerprint = hashlib.sha256("\n".join(f"{rel}:{p.stat().st_size}" for rel, p in files).encode()).hexdigest()[:12]
-    out = cache_dir / f"stdlib-py{sys.version_info[0]}.{sys.version_info[1]}-{fingerprint}"
+    out = cache_dir / f"stdlib-v{CORPUS_VERSION}-py{sys.version_info[0]}.{sys.version_info[1]}-{fingerprint}"
     if (out / "COMPLETE").exists():
         return out
     train, val = bytearray(), bytearray()
@@ -178,6 +182,12 @@ class TokenLoader:
         self.curr_pos += self.span
         self._skip_short_shards()
         return x, y
+
+    def spread(self, n: int) -> list[dict[str, int]]:
+        """`n` batch positions spread evenly over the whole split (for representative evaluations)."""
+        starts = [(i, pos) for i, s in enumerate(self.shards) for pos in range(0, len(s) - self.span, self.span)]
+        pick = [starts[(k * len(starts)) // n] for k in range(n)] if n <= len(starts) else starts * (n // len(starts) + 1)
+        return [{"curr_shard": i, "curr_pos": pos} for i, pos in pick[:n]]
 
     def state_dict(self) -> dict[str, int]:
         return {"curr_shard": self.curr_shard, "curr_pos": self.curr_pos}

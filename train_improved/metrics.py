@@ -1,7 +1,8 @@
 """Run records: JSON lines (full-precision floats, one line per event) and optional TensorBoard.
 
 Python's json writes floats with repr(), the shortest string that round-trips exactly, so two runs
-can be compared bitwise from their metrics files.
+can be compared bitwise from their metrics files. A run killed with SIGKILL may leave its last line
+cut short; readers should skip a line that does not parse.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class MetricsLogger:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")  # appended: a resumed run continues the same file
+        if self._file.tell() > 0 and not _ends_with_newline(path):
+            self._file.write("\n")  # a kill -9 cut the last line: keep it apart from ours
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter  # only when asked: it imports tensorboard
 
@@ -45,3 +48,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"

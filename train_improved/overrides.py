@@ -21,7 +21,7 @@ EFFECTS: dict[str, Effect] = {
                      "weight_decay", "grad_clip", "num_epochs", "max_steps", "seed", "device", "dtype",
                      "compile"], Effect.TRAJECTORY),
     **dict.fromkeys(["eval_interval", "eval_steps", "checkpoint_dir", "checkpoint_freq", "keep_checkpoints",
-                     "keep_emergency_checkpoints", "metric", "mode", "min_free_space", "async_save", "mtbf",
+                     "keep_emergency_checkpoints", "metric", "mode", "min_free_space", "async_save", "mtbf", "emergency_budget",
                      "log_dir", "metrics_file", "use_tensorboard", "sample_length"], Effect.HARMLESS),
 }
 WHY = {

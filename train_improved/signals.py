@@ -32,10 +32,6 @@ class GracefulStop:
     def requested(self) -> bool:
         return self.signum is not None
 
-    @property
-    def exit_code(self) -> int:
-        return 128 + (self.signum or 0)
-
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum
@@ -56,6 +52,3 @@ class GracefulStop:
         for s, handler in self._previous.items():
             signal.signal(s, handler)  # type: ignore[arg-type]
         self._previous.clear()
-
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else ""

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from contextlib import nullcontext
 from typing import Any, Protocol
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from . import distributed
 from .checkpoint import CheckpointError, CheckpointManager, Kind, SaveResult
-from .config import DataError, TrainConfig
+from .config import ConfigError, DataError, TrainConfig
 from .data import TokenLoader, load_dataset
 from .metrics import MetricsLogger
 from .model import GPT, GPTConfig
@@ -73,7 +76,18 @@ class Trainer:
         """Build data, model and optimizer; nothing is written until `run()`."""
         self.cfg = cfg
         self.progress = progress or NoProgress()
+        self.dist = distributed.from_environment()
         self.device = pick_device(cfg.device)
+        if self.dist.enabled and self.device == "cuda":
+            self.device = f"cuda:{self.dist.local_rank}"
+            torch.cuda.set_device(self.device)
+        distributed.init(self.dist, self.device)
+        world = self.dist.world_size
+        if cfg.batch_size % (cfg.mini_batch_size * world):
+            raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --mini-batch-size "
+                              f"{cfg.mini_batch_size} x {world} ranks")
+        # --batch-size is global: every rank does its share, so N ranks follow the 1-rank schedule.
+        self.grad_accum = cfg.batch_size // (cfg.mini_batch_size * world)
         device_type = "cuda" if self.device.startswith("cuda") else self.device
         ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
         self.autocast = (nullcontext() if cfg.dtype == "float32"
@@ -86,20 +100,28 @@ class Trainer:
         np.random.seed(cfg.seed)
 
         self.dataset = load_dataset(cfg.data, vocab_size=cfg.vocab_size)
-        self.train_loader = TokenLoader(self.dataset.train, cfg.mini_batch_size, cfg.block_size, name="train")
-        self.val_loader = TokenLoader(self.dataset.val, cfg.mini_batch_size, cfg.block_size, name="validation")
-        self.steps_per_epoch = self.train_loader.batches_per_pass // cfg.grad_accum_steps
+        ranks = {"rank": self.dist.rank, "world_size": world}
+        self.train_loader = TokenLoader(self.dataset.train, cfg.mini_batch_size, cfg.block_size, name="train", **ranks)
+        self.val_loader = TokenLoader(self.dataset.val, cfg.mini_batch_size, cfg.block_size, name="validation",
+                                      **ranks)
+        self.steps_per_epoch = self.train_loader.batches_per_pass // self.grad_accum
         if self.steps_per_epoch == 0:
-            raise DataError(f"the training split holds {self.train_loader.batches_per_pass} mini-batches, "
-                            f"fewer than one optimizer step needs ({cfg.grad_accum_steps}); lower --batch-size")
+            raise DataError(f"the training split holds {self.train_loader.batches_per_pass} mini-batches per rank, "
+                            f"fewer than one optimizer step needs ({self.grad_accum}); lower --batch-size")
         epoch_steps = cfg.num_epochs * self.steps_per_epoch
         self.total_steps = epoch_steps if cfg.max_steps is None else min(cfg.max_steps, epoch_steps)
 
         self.model_config = GPTConfig(vocab_size=self.dataset.vocab_size, block_size=cfg.block_size,
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
         self.raw_model = GPT(self.model_config).to(self.device)
-        # Checkpoints always hold the raw module's state_dict: no "_orig_mod." prefix from compile.
-        self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        if self.dist.enabled:
+            torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, but each rank its own dropout
+            self.model: torch.nn.Module = DistributedDataParallel(self.raw_model)
+        else:
+            self.model = self.raw_model
+        # Checkpoints always hold the raw module's state_dict: no "_orig_mod." or "module." prefix.
+        if cfg.compile:
+            self.model = torch.compile(self.model)
         self.optimizer = self.raw_model.configure_optimizer(cfg.lr, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(cfg, self.total_steps))
         self.scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
@@ -143,9 +165,11 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
             "last_eval_step": self.last_eval_step,
             "args": self.cfg.to_dict(),
-            "world_size": 1,
+            "world_size": self.dist.world_size,
             **self._boundary,
         }
+        if self.dist.enabled:  # a collective: every rank calls state_dict() at the same points
+            state["rank_states"] = distributed.gather(self.dist, self._boundary)
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         return state
@@ -160,6 +184,13 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler.is_enabled() and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            raise CheckpointError(f"the checkpoint was written by {saved_world} rank(s) and this run has "
+                                  f"{self.dist.world_size}; resume with the same number of processes (re-splitting "
+                                  "the data and RNG streams across another world size is not supported)")
+        if self.dist.enabled:
+            state = {**state, **state["rank_states"][self.dist.rank]}
         data = state["dataloader_state"]
         self.train_loader.load_state_dict({"curr_shard": data["train_curr_shard"], "curr_pos": data["train_curr_pos"]})
         self.val_loader.load_state_dict({"curr_shard": data["val_curr_shard"], "curr_pos": data["val_curr_pos"]})
@@ -174,18 +205,21 @@ class Trainer:
 
     def train_step(self, stop: GracefulStop) -> float | None:
         """One optimizer step; None if a stop request abandoned it (nothing was updated)."""
-        accum = self.cfg.grad_accum_steps
+        accum = self.grad_accum
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(accum):
-            if stop.requested:
+        for micro in range(accum):
+            if distributed.any_rank(self.dist, stop.requested, self.device):
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
             x, y = (t.to(self.device, non_blocking=True) for t in self.train_loader.next_batch())
-            with self.autocast:
-                _, loss = self.model(x, y)
-            loss = loss / accum  # the gradient of the mean over the whole batch
+            # DDP: all-reduce gradients on the last micro-step only.
+            sync = self.model.no_sync() if self.dist.enabled and micro < accum - 1 else nullcontext()
+            with sync:
+                with self.autocast:
+                    _, loss = self.model(x, y)
+                loss = loss / accum  # the gradient of the mean over the whole batch
+                self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-            self.scaler.scale(loss).backward()
         self._updating = True  # an exception from here on leaves model and optimizer half-updated
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -197,22 +231,23 @@ class Trainer:
         self._updating = False
         self.step += 1
         self._mark_boundary()
-        return loss_sum.item()
+        return distributed.mean(self.dist, loss_sum.item(), self.device)
 
     @torch.no_grad()
     def evaluate(self, stop: GracefulStop) -> float | None:
-        """Mean loss over the first --eval-steps held-out batches; None if a stop request cut it short.
+        """Mean loss over --eval-steps held-out batches; None if a stop request cut it short.
 
-        Every evaluation reads the same batches, so values compare across evaluations and resumes;
-        in eval mode dropout draws no random numbers, so the training RNG stream is untouched.
+        The batches are spread evenly over the whole held-out split (a prefix would be a few files)
+        and are the same at every evaluation, so values compare across evaluations and resumes. In
+        eval mode dropout draws no random numbers, so the training RNG stream is untouched.
         """
         self.model.eval()
-        self.val_loader.reset()
         total = 0.0
-        for _ in range(self.cfg.eval_steps):
-            if stop.requested:
+        for position in self.val_loader.spread(self.cfg.eval_steps):
+            if distributed.any_rank(self.dist, stop.requested, self.device):
                 self.model.train()
                 return None
+            self.val_loader.load_state_dict(position)
             x, y = (t.to(self.device) for t in self.val_loader.next_batch())
             with self.autocast:
                 _, loss = self.model(x, y)
@@ -220,12 +255,16 @@ class Trainer:
         self.model.train()
         self._boundary["dataloader_state"].update(
             {f"val_{k}": v for k, v in self.val_loader.state_dict().items()})
-        return total / self.cfg.eval_steps
+        return distributed.mean(self.dist, total / self.cfg.eval_steps, self.device)
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, stop: GracefulStop, manager: CheckpointManager, metrics: MetricsLogger) -> int:
-        """Train to the end or until stopped; return the process exit code."""
+    def run(self, stop: GracefulStop, manager: CheckpointManager | None, metrics: MetricsLogger) -> int:
+        """Train to the end or until stopped; return the process exit code.
+
+        `manager` is None on every rank but 0: those ranks take part in the collectives of a save
+        (gathering their RNG and data positions) and wait at a barrier while rank 0 writes.
+        """
         cfg = self.cfg
         self.manager, self.metrics = manager, metrics
         self.progress.start(self.total_steps, self.step)
@@ -233,7 +272,9 @@ class Trainer:
         try:
             if self._eval_due(self.step) and self.last_eval_step < self.step:
                 self._evaluate_and_save(stop)  # an evaluation a stop cut short is redone first
-            while self.step < self.total_steps and not stop.requested:
+            # Every stop decision is collective (train_step and evaluate agree before each batch), so
+            # under torchrun all ranks leave this loop at the same step.
+            while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss = self.train_step(stop)
@@ -246,11 +287,13 @@ class Trainer:
                                  tokens_per_s=tokens_per_step / dt)
                 self.progress.update(self.step, loss=loss, lr=lr, tokens_per_s=tokens_per_step / dt)
                 self._after_step(stop)
-            if stop.requested:
-                return self._emergency_stop(stop)
-            self._log_results(self.manager.wait_until_finished())
+            signum = self._agreed_signal(stop)
+            if signum is not None:
+                return self._emergency_stop(signum)
+            self._wait_for_saves()
             self._save([Kind.ROLLING], final=True)  # latest.pt holds the final state
-            self._log_results(self.manager.wait_until_finished())
+            self._wait_for_saves()
+            distributed.barrier(self.dist)
             return 0
         except Exception:
             self._emergency_after_crash()
@@ -258,11 +301,21 @@ class Trainer:
         finally:
             self.progress.stop()
 
+    def _agreed_signal(self, stop: GracefulStop) -> int | None:
+        """The stop signal any rank received, the same on every rank; None if none did."""
+        seen = [s for s in distributed.gather(self.dist, stop.signum) if s is not None]
+        return seen[0] if seen else None
+
     def _eval_due(self, step: int) -> bool:
         return step > 0 and (step % self.cfg.eval_interval == 0 or step == self.total_steps)
 
+    def _wait_for_saves(self) -> None:
+        if self.manager is not None:
+            self._log_results(self.manager.wait_until_finished())
+
     def _after_step(self, stop: GracefulStop) -> None:
-        self._log_results(self.manager.poll())
+        if self.manager is not None:
+            self._log_results(self.manager.poll())
         kinds = []
         if self._eval_due(self.step):
             kinds += self._evaluate_and_save(stop, save=False)
@@ -283,7 +336,9 @@ class Trainer:
             self.best_val_loss = val
         self.metrics.log("eval", step=self.step, val_loss=val)
         logger.info("step %d: val_loss %.4f (best %.4f)", self.step, val, self.best_val_loss)
-        kinds = [Kind.BEST] if self.manager.is_improvement(self._metrics()) else []
+        # Rank 0's store knows the best so far; every rank must take the same decision (a save is collective).
+        improved = self.manager is not None and self.manager.is_improvement(self._metrics())
+        kinds = [Kind.BEST] if distributed.any_rank(self.dist, improved, self.device) else []
         if save:
             self._save(kinds)
         return kinds
@@ -293,20 +348,27 @@ class Trainer:
 
     def _save(self, kinds: list[Kind], final: bool = False) -> None:
         if final:
-            latest = self.manager.latest()
-            if latest is not None and latest.ok and latest.step == self.step:
+            latest = self.manager.latest() if self.manager is not None else None
+            committed = latest is not None and latest.ok and latest.step == self.step
+            if distributed.any_rank(self.dist, committed, self.device):
                 return  # the final state is already committed
-        if kinds:
-            self.manager.save(self.state_dict(), step=self.step, epoch=self.epoch_of(self.step), kinds=kinds,
+        if not kinds:
+            return
+        state = self.state_dict()
+        if self.manager is not None:
+            self.manager.save(state, step=self.step, epoch=self.epoch_of(self.step), kinds=kinds,
                               metrics=self._metrics(), meta={"args": self.cfg.to_dict()})
             if self.cfg.checkpoint_freq == "auto":
                 self._retune_checkpoint_freq()
+        if self.dist.enabled:
+            self._save_every = distributed.gather(self.dist, self._save_every)[0]  # rank 0 measured the cost
+            distributed.barrier(self.dist)
 
     def _log_results(self, results: list[SaveResult]) -> None:
+        assert self.manager is not None
         for r in results:
             if r.error:
-                logger.warning("checkpoint at step %d (%s) failed: %s", r.step, r.kind.value, r.error)
-                continue
+                continue  # the store has already warned, naming the file and the cause
             self.metrics.log("checkpoint", step=r.step, kind=r.kind.value,
                              path=str(self.manager.directory / r.name), bytes=r.bytes,
                              stall_s=r.stall_s, write_s=r.write_s)
@@ -323,19 +385,38 @@ class Trainer:
             logger.info("checkpoint interval: every %d steps (save cost %.3fs, MTBF %.0fs)", every, cost, self.cfg.mtbf)
             self._save_every = every
 
-    def _emergency_stop(self, stop: GracefulStop) -> int:
-        logger.warning("received %s: saving an emergency checkpoint at step %d", stop.name(), self.step)
-        self._log_results(self.manager.wait_until_finished())  # commits stay in order
-        self.manager.save(self.state_dict(), step=self.step, epoch=self.epoch_of(self.step),
-                          kinds=Kind.EMERGENCY, metrics=self._metrics(), meta={"args": self.cfg.to_dict()})
+    def _emergency_stop(self, signum: int) -> int:
+        logger.warning("received %s: saving an emergency checkpoint at step %d", signal.Signals(signum).name, self.step)
+        started = time.perf_counter()
+        self._wait_for_saves()  # commits stay in order
+        state = self.state_dict()
+        if self.manager is None:
+            distributed.barrier(self.dist)  # rank 0 writes the one emergency checkpoint
+            return 128 + signum
+        expected = self.manager.expected_save_seconds(state)
+        budget = self.cfg.emergency_budget
+        verify = expected is None or expected <= budget
+        if not verify:
+            logger.warning("an emergency save is expected to take %.1fs, over --emergency-budget %.0fs: skipping "
+                           "its read-back verification (its checksum is still checked on load)", expected, budget)
+        self.manager.save(state, step=self.step, epoch=self.epoch_of(self.step), kinds=Kind.EMERGENCY,
+                          metrics=self._metrics(), meta={"args": self.cfg.to_dict()}, verify=verify)
         results = self.manager.wait_until_finished()
         self._log_results(results)
         if results and not any(r.error for r in results):
-            logger.warning("emergency checkpoint %s written; resume with: train --resume latest", results[0].name)
-        return stop.exit_code
+            logger.warning("emergency checkpoint %s written in %.1fs; resume with: train --resume latest",
+                           results[0].name, time.perf_counter() - started)
+        distributed.barrier(self.dist)
+        return 128 + signum
 
     def _emergency_after_crash(self) -> None:
-        if self._updating:
+        if self.dist.enabled:
+            # The other ranks may be blocked in a collective, so the per-rank state cannot be gathered;
+            # torchrun stops them. latest.pt is the last consistent state.
+            logger.error("training failed at step %d on rank %d; under torchrun no emergency checkpoint is "
+                         "written after a crash: resume from latest.pt", self.step, self.dist.rank)
+            return
+        if self._updating or self.manager is None:
             logger.error("the error hit during the optimizer update, so the in-memory state is inconsistent: "
                          "no emergency checkpoint; latest.pt is intact")
             return
@@ -352,7 +433,7 @@ class Trainer:
 
     def sample(self, length: int) -> str | None:
         """A short text sample from the best model (byte-level data only)."""
-        if length <= 0 or self.dataset.vocab_size != 256:
+        if length <= 0 or self.dataset.vocab_size != 256 or self.manager is None:
             return None
         best = self.manager.best()
         if best is not None and best.ok:

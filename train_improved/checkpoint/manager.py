@@ -157,6 +157,7 @@ class CheckpointManager:
         self._done: list[SaveResult] = []
         self._jobs = 0
         self._last_file_bytes: int | None = None
+        self.write_bandwidth: float | None = None  # bytes/s of the last committed save, all work included
         self._staging: Any = None
         if read_only:
             if not self.directory.is_dir():
@@ -275,12 +276,13 @@ class CheckpointManager:
 
     def save(self, state: dict[str, Any], *, step: int, epoch: int | None = None,
              kinds: Kind | Iterable[Kind] = Kind.ROLLING, metrics: dict[str, float] | None = None,
-             meta: dict[str, Any] | None = None) -> bool:
+             meta: dict[str, Any] | None = None, verify: bool = True) -> bool:
         """Save `state` as each of `kinds`; return whether a save was started.
 
         A BEST save happens only if `metrics` improve on the best so far. With `async_save` the call
         returns once the state is copied to staging buffers; `poll()` reports the outcome. `meta`
         (plain JSON) is stored in the footer, readable without loading the checkpoint.
+        `verify=False` skips the read-back check (only for saves racing a deadline).
         """
         if self.read_only:
             raise CheckpointError("this checkpoint manager was opened read-only")
@@ -299,13 +301,20 @@ class CheckpointManager:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         stall = time.perf_counter() - started
-        self._inflight = self._executor.submit(self._commit, snapshot, step, epoch, todo, metrics, meta, stall)
+        self._inflight = self._executor.submit(self._commit, snapshot, step, epoch, todo, metrics, meta, stall,
+                                              verify)
         self._inflight_started = started
         if not self.options.async_save:
             self._wait_inflight()
             for r in self._done:
                 r.stall_s = time.perf_counter() - started  # synchronous: the caller waited for all of it
         return True
+
+    def expected_save_seconds(self, state: dict[str, Any]) -> float | None:
+        """How long one more file of this state should take to write, from measured saves; None before any."""
+        if not self.write_bandwidth:
+            return None
+        return (self._last_file_bytes or _tensor_bytes(state)) / self.write_bandwidth
 
     def _stage(self, state: dict[str, Any]) -> dict[str, Any]:
         if self._staging is None:
@@ -345,7 +354,8 @@ class CheckpointManager:
             logger.info("%s", self.storage_summary())
 
     def _commit(self, snapshot: dict[str, Any], step: int, epoch: int | None, kinds: Sequence[Kind],
-                metrics: dict[str, float] | None, meta: dict[str, Any] | None, stall: float) -> list[SaveResult]:
+                metrics: dict[str, float] | None, meta: dict[str, Any] | None, stall: float,
+                verify: bool = True) -> list[SaveResult]:
         import torch
 
         results = []
@@ -360,7 +370,7 @@ class CheckpointManager:
             footer = dict(meta or {}, name=name, kind=kind.value, step=step, epoch=epoch,
                           metrics=dict(metrics or {}), saved_at=saved_at, torch_version=str(torch.__version__))
             try:
-                result.bytes = self._write_family(kind, self.directory / name, payload, footer)
+                result.bytes = self._write_family(kind, self.directory / name, payload, footer, verify)
                 self._point_latest_to(self.directory / name, step)
                 deleted = self._prune(kind)
             except CheckpointError as e:
@@ -371,6 +381,7 @@ class CheckpointManager:
                 continue
             result.write_s = time.perf_counter() - started
             self._last_file_bytes = (self.directory / name).stat().st_size
+            self.write_bandwidth = result.bytes / max(result.write_s, 1e-9)
             self._history({"event": "save", "name": name, "kind": kind.value, "step": step, "epoch": epoch,
                            "bytes": result.bytes, "stall_s": stall, "write_s": result.write_s,
                            "metrics": dict(metrics or {}), "saved_at": saved_at})
@@ -390,7 +401,8 @@ class CheckpointManager:
             return layout.epoch_name(epoch)
         return layout.BEST
 
-    def _write_family(self, kind: Kind, path: Path, payload: dict[str, Any], footer: dict[str, Any]) -> int:
+    def _write_family(self, kind: Kind, path: Path, payload: dict[str, Any], footer: dict[str, Any],
+                      verify: bool = True) -> int:
         """Write one file plus its family's backup; return the bytes written."""
         d = self.directory
         if kind is Kind.BEST:
@@ -401,7 +413,7 @@ class CheckpointManager:
             storage.write_checkpoint(path, payload, footer, before_commit=keep_old_best)
             storage.copy_checkpoint(path, d / layout.BEST_BACKUP)
             return 2 * path.stat().st_size
-        storage.write_checkpoint(path, payload, footer)
+        storage.write_checkpoint(path, payload, footer, verify=verify)
         if kind is Kind.ROLLING:
             storage.copy_checkpoint(path, d / layout.ROLLING_BACKUP)
             return 2 * path.stat().st_size
@@ -484,10 +496,9 @@ class CheckpointManager:
 
     def resolve(self, which: str | Path) -> Path:
         """Where `which` points: a bare name resolves inside the directory, a path-like one is taken as given."""
-        text = str(which)
-        if isinstance(which, Path) or os.sep in text or text.startswith((".", "~")):
-            return Path(text).expanduser()
-        return self.directory / text
+        if isinstance(which, Path) or is_explicit_path(which):
+            return Path(which).expanduser()
+        return self.directory / which
 
     def candidates(self, which: str | Path) -> list[Path]:
         """Files to try, in order, for `which` = "latest", "best", a name or a path (see SPEC §5)."""
@@ -532,6 +543,11 @@ class CheckpointManager:
             st = path.stat()
             return state, CheckpointInfo(path.name, path, describe(path).family, st.st_size, st.st_ino, footer)
         raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(failures))
+
+
+def is_explicit_path(name: str) -> bool:
+    """`--resume` names with a path separator or a leading '.' or '~' are paths; others live in the directory."""
+    return os.sep in name or name.startswith((".", "~"))
 
 
 def _tensor_bytes(obj: Any) -> int:

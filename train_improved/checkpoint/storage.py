@@ -2,6 +2,7 @@
 
 A checkpoint file is a regular `torch.save` zip archive whose zip *comment* holds a small JSON
 footer: what the file is (kind, step, metrics, args...) and the xxh3-128 digest of the archive bytes.
+The footer ends with a fixed tail: its own length, an xxh3-64 of the JSON, and a magic string.
 So every file describes and verifies itself. Its metadata can never drift from its contents (no
 second file has to be renamed in step with it), `torch.load(path, weights_only=True)` reads it like
 any checkpoint, and the footer can be read without importing torch or touching tensor data.
@@ -32,7 +33,7 @@ FOOTER_MAGIC = b"TIMPCKPT"  # last 8 bytes of every checkpoint file
 TEMP_PREFIX = ".tmp-"  # temporary files never carry a final name, and are hidden from `ls`
 _EOCD_SIGNATURE = b"PK\x05\x06"
 _EOCD_SIZE = 22  # zip end-of-central-directory record without its comment
-_TAIL = struct.Struct("<I8s")  # footer JSON length, magic
+_TAIL = struct.Struct("<I16s8s")  # footer JSON length, xxh3-64 of the JSON (hex), magic
 _MAX_COMMENT = 0xFFFF
 _READ_CHUNK = 8 << 20
 
@@ -93,7 +94,7 @@ class _HashingWriter:
 
 def _encode_footer(meta: dict[str, Any]) -> bytes:
     body = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-    footer = body + _TAIL.pack(len(body), FOOTER_MAGIC)
+    footer = body + _TAIL.pack(len(body), xxhash.xxh3_64_hexdigest(body).encode(), FOOTER_MAGIC)
     if len(footer) > _MAX_COMMENT:
         raise ValueError(f"checkpoint metadata is {len(footer)} bytes; the zip comment holds {_MAX_COMMENT}")
     return footer
@@ -115,7 +116,8 @@ def _hash_payload(f: BinaryIO, payload_bytes: int) -> str:
 
 
 def write_checkpoint(
-    final: Path, obj: Any, meta: dict[str, Any], before_commit: Callable[[], None] | None = None
+    final: Path, obj: Any, meta: dict[str, Any], before_commit: Callable[[], None] | None = None,
+    *, verify: bool = True,
 ) -> dict[str, Any]:
     """Atomically write `obj` (torch.save) to `final` with `meta` in its footer; return the footer.
 
@@ -141,7 +143,8 @@ def write_checkpoint(
             raw.flush()
             # After a failed fsync Linux may drop the dirty pages: the file is abandoned, never retried.
             os.fsync(raw.fileno())
-        verify_file(tmp, expected_digest=footer_meta["digest"])
+        if verify:
+            verify_file(tmp, expected_digest=footer_meta["digest"])
         if before_commit is not None:
             before_commit()
         os.replace(tmp, final)
@@ -222,7 +225,7 @@ def _read_footer(f: BinaryIO, size: int) -> dict[str, Any]:
     if size < _EOCD_SIZE + _TAIL.size:
         raise CorruptCheckpointError(f"file is only {size} bytes (truncated, or not a checkpoint)")
     f.seek(size - _TAIL.size)
-    body_len, magic = _TAIL.unpack(f.read(_TAIL.size))
+    body_len, body_digest, magic = _TAIL.unpack(f.read(_TAIL.size))
     if magic != FOOTER_MAGIC:
         raise CorruptCheckpointError("no train_improved footer (truncated, or not a train_improved checkpoint)")
     footer_len = body_len + _TAIL.size
@@ -233,8 +236,11 @@ def _read_footer(f: BinaryIO, size: int) -> dict[str, Any]:
     eocd = f.read(_EOCD_SIZE)
     if eocd[:4] != _EOCD_SIGNATURE or struct.unpack("<H", eocd[-2:])[0] != footer_len:
         raise CorruptCheckpointError("zip end record does not match the footer (damaged or truncated)")
+    body = f.read(body_len)
+    if xxhash.xxh3_64_hexdigest(body).encode() != body_digest:
+        raise CorruptCheckpointError("footer metadata checksum mismatch (damaged footer)")
     try:
-        meta = json.loads(f.read(body_len))
+        meta = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CorruptCheckpointError("footer metadata is not valid JSON (damaged footer)") from None
     if not isinstance(meta, dict) or meta.get("payload_bytes") != payload or "digest" not in meta:

@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""`train --list-checkpoints` speed: 2 vs 200 checkpoints, and small vs large files.
+
+Times the real command (a subprocess, as a user runs it) and the in-process collection alone.
+
+    python benchmarks/listing.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from train_improved.checkpoint import CheckpointManager, CheckpointOptions, Kind
+from train_improved.listing import collect
+
+
+def fill(directory: Path, count: int, mb: float) -> None:
+    state = {"w": torch.zeros(int(mb * 2**20 / 4))}
+    with CheckpointManager(directory, CheckpointOptions(keep_rolling=count, async_save=False)) as m:
+        for step in range(1, count + 1):
+            m.save(state, step=step, kinds=Kind.ROLLING, meta={"args": {"lr": 0.001}})
+
+
+def timed(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = {"2 x 10 KiB": (2, 0.01), "200 x 10 KiB": (200, 0.01), "2 x 200 MiB": (2, 200)}
+        print(f"{'case':>14} {'files':>6} {'collect s':>10} {'command s':>10}")
+        for name, (count, mb) in cases.items():
+            d = Path(tmp) / name.replace(" ", "")
+            fill(d, count, mb)
+            files = len(list(d.glob("*.pt")))
+            inproc = timed(lambda: collect(d))
+            cmd = timed(lambda: subprocess.run([sys.executable, "-m", "train_improved", "--list-checkpoints",
+                                                "--json", "--checkpoint-dir", str(d)], check=True,
+                                               capture_output=True), repeats=3)
+            print(f"{name:>14} {files:>6} {inproc:>10.4f} {cmd:>10.3f}")
+
+
+if __name__ == "__main__":
+    main()

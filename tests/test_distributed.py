@@ -1,0 +1,93 @@
+"""torchrun with 2 CPU ranks (gloo): one log, one layout, coordinated signals, exact resume (SPEC §8)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, step_losses
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 30
+ARGS = ["--data", "corpus.txt", *TINY, "--max-steps", str(STEPS), "--num-epochs", "20"]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(random.randint(20000, 40000)), "-m", "train_improved", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(torchrun(*args), cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("ddp_reference")
+    (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES * 2))
+    run(d, *ARGS)
+    return d
+
+
+def test_two_ranks_log_once_and_write_the_single_process_layout(reference: Path) -> None:
+    steps = [r["step"] for r in read_metrics(reference / "runs" / "metrics.jsonl") if r["event"] == "step"]
+    assert steps == list(range(1, STEPS + 1))
+    names = {p.name for p in (reference / "checkpoints").glob("*.pt")}
+    assert {"latest.pt", "latest_backup.pt", "rolling_last_backup.pt", "best_model.pt", "best_model_backup.pt",
+            "epoch_00000.pt"} <= names
+    state = torch.load(reference / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rank_states"]) == 2
+    # Ranks share the window position (each reads its own slice of it) but draw their own dropout masks.
+    r0, r1 = state["rank_states"]
+    assert r0["dataloader_state"] == r1["dataloader_state"]
+    assert not torch.equal(r0["rng_state"]["torch"], r1["rng_state"]["torch"])
+
+
+def test_sigterm_to_torchrun_then_resume_is_exact(reference: Path, tmp_path: Path) -> None:
+    (tmp_path / "corpus.txt").write_bytes((reference / "corpus.txt").read_bytes())
+    target = random.randint(4, 20)
+    proc = subprocess.Popen(torchrun(*ARGS), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any(r["event"] == "step" and r["step"] >= target for r in read_metrics(metrics)):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, err[-2000:]
+    emergency = list((tmp_path / "checkpoints").glob("emergency_step_*.pt"))
+    assert len(emergency) == 1, err[-3000:]
+    stopped = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    assert stopped["checkpoint_type"] == "emergency" and stopped["step"] < STEPS
+
+    run(tmp_path, *ARGS, "--resume", "latest")
+    assert step_losses(metrics) == step_losses(reference / "runs" / "metrics.jsonl")
+    ours = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["model"]
+    theirs = torch.load(reference / "checkpoints" / "latest.pt", weights_only=True)["model"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_resume_with_another_world_size_is_refused(reference: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(reference, tmp_path / "r")
+    out = subprocess.run([sys.executable, "-m", "train_improved", *ARGS, "--resume", "latest", "--max-steps", "40"],
+                         cwd=tmp_path / "r", capture_output=True, text=True)
+    assert out.returncode == 1 and "written by 2 rank(s)" in out.stderr and "Traceback" not in out.stderr

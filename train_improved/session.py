@@ -1,0 +1,161 @@
+"""One `train` invocation: what to resume, the final options, the trainer, the store.
+
+Order matters for the promise "bad input touches nothing": options are resolved and the data and
+model are built (and so checked) before a fresh run creates its checkpoint directory or log file.
+When resuming, the directory lock is taken before anything is read.
+
+Under torchrun, rank 0 alone opens the checkpoint directory (its lock, the fallback chain) and
+tells the other ranks which file it chose; every rank then loads that file and resolves the same
+options, so all ranks fail alike on bad input and train alike otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from . import config, distributed
+from .checkpoint import CheckpointError, CheckpointManager, CheckpointOptions, NoCheckpointError, read_footer
+from .checkpoint.manager import describe, is_explicit_path
+from .checkpoint.storage import load_checkpoint
+from .config import ConfigError, DataError, TrainConfig
+from .progress import err_console
+
+
+def checkpoint_options(cfg: TrainConfig) -> CheckpointOptions:
+    return CheckpointOptions(
+        keep_rolling=cfg.keep_checkpoints, keep_emergency=cfg.keep_emergency_checkpoints,
+        save_every=cfg.checkpoint_freq if isinstance(cfg.checkpoint_freq, int) else None,
+        metric=cfg.metric, mode=cfg.mode, min_free_bytes=cfg.min_free_space,  # type: ignore[arg-type]
+        async_save=cfg.async_save,
+    )
+
+
+def run_session(given: dict[str, Any], *, resume: str | None, config_file: str | None) -> int:
+    """Run `train` with the options given on the command line; return the exit code."""
+    import torch
+
+    d = distributed.from_environment()
+    if not d.is_main:
+        logging.getLogger().setLevel(logging.ERROR)  # rank 0 speaks for the run
+    stored = None
+    if resume not in (None, "latest", "best", "auto") and is_explicit_path(resume):
+        stored = _footer_args(Path(resume).expanduser())  # a path elsewhere also brings its checkpoint dir
+    pre = config.resolve(cli=given, environ=os.environ, config_file=config_file, stored=stored, check=False)
+    use_cuda = pre.device.startswith("cuda") or (pre.device == "auto" and torch.cuda.is_available())
+    distributed.init(d, "cuda" if use_cuda else "cpu")
+    try:
+        return _run(d, given, resume, config_file, pre)
+    finally:
+        distributed.shutdown(d)
+
+
+def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_file: str | None,
+         pre: TrainConfig) -> int:
+    from .metrics import MetricsLogger
+    from .progress import RichProgress
+    from .resume_command import print_changes
+    from .signals import GracefulStop
+    from .trainer import NoProgress, Trainer
+
+    manager, state, info = _choose_checkpoint(d, pre, resume)
+    try:
+        cfg = config.resolve(cli=given, environ=os.environ, config_file=config_file,
+                             stored=state["args"] if state else None)
+        if state is not None:
+            print_changes(state["args"], cfg.to_dict(), title="Changes from the checkpoint's options",
+                          console=Console(stderr=True, quiet=not d.is_main))
+        # Data and model are built, and so checked, before a fresh run writes anything.
+        trainer = Trainer(cfg, progress=RichProgress() if d.is_main else NoProgress())
+        if state is not None:
+            trainer.load_state_dict(state)
+        if d.is_main:
+            if manager is None:
+                manager = CheckpointManager(cfg.checkpoint_dir, checkpoint_options(cfg))
+            manager.options = checkpoint_options(cfg)
+        metrics = MetricsLogger(cfg.metrics_path, tensorboard_dir=Path(cfg.log_dir) if cfg.use_tensorboard else None,
+                                enabled=d.is_main)
+        try:
+            if info is not None:
+                metrics.log("resume", path=str(info.path), step=trainer.step)
+                if d.is_main:
+                    err_console.print(f"resumed from {info.path} at step {trainer.step}", highlight=False)
+            with GracefulStop() as stop:
+                code = trainer.run(stop, manager, metrics)
+            if code == 0 and d.is_main:
+                if (text := trainer.sample(cfg.sample_length)) is not None:
+                    err_console.rule("sample from the best model")
+                    print(text)
+                val = f"{trainer.val_loss:.4f}" if trainer.val_loss is not None else "-"
+                err_console.print(f"done: step {trainer.step}, val_loss {val}, checkpoints in {cfg.checkpoint_dir}",
+                                  highlight=False)
+            return code
+        finally:
+            metrics.close()
+    finally:
+        if manager is not None:
+            manager.close()
+
+
+def _choose_checkpoint(d: distributed.Dist, pre: TrainConfig, resume: str | None
+                       ) -> tuple[CheckpointManager | None, dict[str, Any] | None, Any]:
+    """Rank 0 locks the directory and picks the file (with fallback); the other ranks load that file."""
+    manager, state, info, error = None, None, None, None
+    if d.is_main:
+        try:
+            manager, state, info = _open_and_restore(pre, resume)
+        except (CheckpointError, ConfigError, DataError) as e:
+            error = e
+    if not d.enabled:
+        if error is not None:
+            raise error
+        return manager, state, info
+    path, failed = distributed.gather(d, (str(info.path) if info else None, error is not None))[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise ConfigError("rank 0 could not start the run (see its message)")
+    if not d.is_main and path is not None:
+        state, _ = load_checkpoint(Path(path))
+        info = describe(Path(path))
+    return manager, state, info
+
+
+def _open_and_restore(pre: TrainConfig, resume: str | None
+                      ) -> tuple[CheckpointManager | None, dict[str, Any] | None, Any]:
+    directory = Path(pre.checkpoint_dir)
+    manager, state, info = None, None, None
+    try:
+        if resume is not None and (directory.is_dir() or resume not in ("latest", "best", "auto")):
+            manager = CheckpointManager(directory, checkpoint_options(pre))  # the lock comes before reading
+            try:
+                state, info = manager.restore("latest" if resume == "auto" else resume)
+            except NoCheckpointError:
+                if resume != "auto":
+                    raise
+        if resume in ("latest", "best") and state is None:
+            raise CheckpointError(f"no checkpoint to resume from in {directory}; run without --resume to "
+                                  "start, or use --resume auto in job scripts")
+        if resume == "auto" and state is None:
+            err_console.print(f"no checkpoint in {directory}: starting fresh (--resume auto)")
+        if resume is None and directory.is_dir():
+            latest = CheckpointManager(directory, read_only=True).latest_step()
+            if latest is not None:
+                raise CheckpointError(f"{directory} already holds checkpoints (up to step {latest}); pass "
+                                      "--resume latest to continue that run, or choose another --checkpoint-dir")
+    except BaseException:
+        if manager is not None:
+            manager.close()
+        raise
+    return manager, state, info
+
+
+def _footer_args(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_footer(path).get("args")
+    except CheckpointError:
+        return None  # restore() reports the problem with the full fallback story
