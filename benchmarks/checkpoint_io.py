@@ -6,6 +6,7 @@ For each state size it measures
   * disk:   raw write+fsync bandwidth of the same directory (dd conv=fsync);
   * sync:   the store with --no-async-save (the loop waits for everything);
   * async:  the store's default: the loop waits only for the copy into reused staging buffers;
+  * emergency: one synchronous emergency save (a single verified file), what a SIGTERM costs;
 and prints stall ratio (async stall / plain), background throughput / raw disk bandwidth, and
 bytes written per rolling save / state size.
 
@@ -73,12 +74,12 @@ def dd_bandwidth(directory: Path, nbytes: int) -> float:
     return count * (16 << 20) / elapsed
 
 
-def store_saves(state: dict, directory: Path, async_save: bool, repeats: int) -> list:
+def store_saves(state: dict, directory: Path, async_save: bool, repeats: int, kind: Kind = Kind.ROLLING) -> list:
     shutil.rmtree(directory, ignore_errors=True)
     results = []
     with CheckpointManager(directory, CheckpointOptions(async_save=async_save, keep_rolling=1)) as m:
         for step in range(1, repeats + 2):
-            m.save(state, step=step, kinds=Kind.ROLLING)
+            m.save(state, step=step, kinds=kind)
             results += m.wait_until_finished()
     shutil.rmtree(directory, ignore_errors=True)
     return results[1:]  # the first save allocates the staging buffers: steady state is what training sees
@@ -94,7 +95,7 @@ def main() -> None:
     base.mkdir(parents=True, exist_ok=True)
     print(f"dir {base}  torch {torch.__version__}  threads {torch.get_num_threads()}")
     header = (f"{'state':>8} {'plain s':>8} {'sync s':>8} {'async stall s':>13} {'stall/plain':>11} "
-              f"{'write s':>8} {'MB/s':>7} {'dd MB/s':>8} {'thru/dd':>7} {'bytes/state':>11}")
+              f"{'write s':>8} {'MB/s':>7} {'dd MB/s':>8} {'thru/dd':>7} {'bytes/state':>11} {'emergency s':>11}")
     print(header)
     for mb in args.sizes:
         state = make_state(mb)
@@ -103,12 +104,14 @@ def main() -> None:
         disk = statistics.median(dd_bandwidth(base, 2 * size) for _ in range(args.repeats))
         sync = store_saves(state, base / "sync", False, args.repeats)
         asyn = store_saves(state, base / "async", True, args.repeats)
+        emergency = statistics.median(r.stall_s for r in store_saves(state, base / "em", False, args.repeats,
+                                                                      Kind.EMERGENCY))
         stall = statistics.median(r.stall_s for r in asyn)
         write = statistics.median(r.write_s for r in asyn)
         written = statistics.median(r.bytes for r in asyn)
         print(f"{size / 2**20:>6.0f}Mi {plain:>8.2f} {statistics.median(r.stall_s for r in sync):>8.2f} "
               f"{stall:>13.3f} {stall / plain:>11.3f} {write:>8.2f} {written / write / 1e6:>7.0f} "
-              f"{disk / 1e6:>8.0f} {written / write / disk:>7.2f} {written / size:>11.4f}")
+              f"{disk / 1e6:>8.0f} {written / write / disk:>7.2f} {written / size:>11.4f} {emergency:>11.2f}")
     shutil.rmtree(base, ignore_errors=True) if args.dir is None else None
 
 

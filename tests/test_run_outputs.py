@@ -179,3 +179,16 @@ def test_resume_command_refuses_missing_or_foreign_files(tmp_path: Path, content
         (tmp_path / "x.pt").write_bytes(content)
     out = resume_command(str(tmp_path / "x.pt"), cwd=tmp_path)
     assert out.returncode == 1 and "error:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_tensorboard_and_auto_checkpoint_frequency(tmp_path: Path, run: Path) -> None:
+    (tmp_path / "corpus.txt").write_bytes((run / "corpus.txt").read_bytes())
+    out = run_train("--data", "corpus.txt", *TINY, "--max-steps", "20", "--num-epochs", "5", "--use-tensorboard",
+                    "--checkpoint-freq", "auto", "--mtbf", "0.01s", "--eval-interval", "5", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert list((tmp_path / "runs").glob("events.out.tfevents.*"))
+    # Young's interval is printed once the first save's cost is known, and rolling saves follow it.
+    assert "checkpoint interval: every" in " ".join(out.stderr.split())
+    rolling = [r for r in read_metrics(tmp_path / "runs" / "metrics.jsonl")
+               if r["event"] == "checkpoint" and r["kind"] == "rolling"]
+    assert len(rolling) >= 2

@@ -32,6 +32,7 @@ from .signals import GracefulStop
 from .state import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger("train_improved")
+AUTO_FIRST_INTERVAL = 250  # steps between rolling saves under --checkpoint-freq auto before any cost is known
 
 
 class Progress(Protocol):
@@ -132,7 +133,8 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.last_eval_step = 0
         self.resumed_from: str | None = None
-        self._save_every = cfg.checkpoint_freq if isinstance(cfg.checkpoint_freq, int) else None
+        # --checkpoint-freq auto starts at the default interval until a save has been timed.
+        self._save_every = cfg.checkpoint_freq if isinstance(cfg.checkpoint_freq, int) else AUTO_FIRST_INTERVAL
         self._updating = False  # inside the optimizer update: the state is not consistent
         self._step_time: float | None = None  # seconds per step (moving average), for --checkpoint-freq auto
         self._last_save: SaveResult | None = None

@@ -25,6 +25,7 @@ import fcntl
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -299,7 +300,8 @@ class CheckpointManager:
             self._best_value = (metrics or {})[self.options.metric]
         snapshot = self._stage(state) if self.options.async_save else state
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
+                                                initializer=_yield_cpu_to_training)
         stall = time.perf_counter() - started
         self._inflight = self._executor.submit(self._commit, snapshot, step, epoch, todo, metrics, meta, stall,
                                               verify)
@@ -486,8 +488,9 @@ class CheckpointManager:
     def usage_by_family(self) -> dict[Family, int]:
         seen: set[int] = set()
         usage = {fam: 0 for fam in Family}
-        for info in self.all():
-            if info.inode not in seen:  # a hard-linked latest costs nothing beyond its twin
+        # latest*.pt are usually hard links to another family's file: count them last, so the owner pays.
+        for info in sorted(self.all(), key=lambda i: i.family is Family.LATEST):
+            if info.inode not in seen:
                 seen.add(info.inode)
                 usage[info.family] += info.size
         return usage
@@ -543,6 +546,14 @@ class CheckpointManager:
             st = path.stat()
             return state, CheckpointInfo(path.name, path, describe(path).family, st.st_size, st.st_ino, footer)
         raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(failures))
+
+
+def _yield_cpu_to_training() -> None:
+    """Lower the writer thread's CPU priority: where cores are few, training should win them."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # Linux: this thread only
+    except (AttributeError, OSError):
+        pass  # not Linux, or not permitted: the writer just runs at normal priority
 
 
 def is_explicit_path(name: str) -> bool:
