@@ -187,3 +187,25 @@ def test_exception_in_the_loop_leaves_an_emergency_checkpoint(tmp_path: Path, te
     emergency = list((tmp_path / "ck").glob("emergency_step_000007_*.pt"))
     assert len(emergency) == 1
     assert torch.load(emergency[0], weights_only=True)["step"] == 7
+
+
+def test_second_sigint_exits_at_once_and_corrupts_nothing(run_dir: Path) -> None:
+    from train_improved.checkpoint import verify_file
+
+    proc = start(run_dir, "--n-embd", "256", "--n-head", "4")  # a bigger state: the emergency save takes a while
+    wait_for_step(run_dir, 6, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 2.0
+    assert proc.returncode == 130
+    assert "second interrupt" in err and "Traceback" not in err
+    ck = run_dir / "checkpoints"
+    for p in ck.glob("*.pt"):
+        verify_file(p)  # whatever was committed is whole
+    out = run_train("--data", "corpus.txt", *ARGS, "--n-embd", "256", "--n-head", "4", "--resume", "auto",
+                    "--max-steps", "8", cwd=run_dir)
+    assert out.returncode == 0, out.stderr
+    assert not list(ck.glob(".tmp-*"))

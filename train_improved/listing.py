@@ -17,7 +17,7 @@ from rich.table import Table
 
 from .checkpoint import CheckpointError, CheckpointManager, Family, verify_file
 from .checkpoint.layout import BACKUP_NAMES, HISTORY
-from .checkpoint.manager import CheckpointInfo, human_bytes
+from .checkpoint.records import CheckpointInfo, human_bytes
 
 _TITLES = {Family.LATEST: "Latest", Family.BEST: "Best", Family.ROLLING: "Rolling",
            Family.EMERGENCY: "Emergency", Family.EPOCH: "Epoch"}

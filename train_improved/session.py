@@ -20,7 +20,8 @@ from rich.console import Console
 
 from . import config, distributed
 from .checkpoint import CheckpointError, CheckpointManager, CheckpointOptions, NoCheckpointError, read_footer
-from .checkpoint.manager import describe, is_explicit_path
+from .checkpoint.manager import is_explicit_path
+from .checkpoint.records import describe
 from .checkpoint.storage import load_checkpoint
 from .config import ConfigError, DataError, TrainConfig
 from .progress import err_console

@@ -4,7 +4,8 @@
 """
 
 from .layout import Family, Kind
-from .manager import CheckpointInfo, CheckpointManager, CheckpointOptions, NoCheckpointError, SaveResult, describe
+from .manager import CheckpointManager
+from .records import CheckpointInfo, CheckpointOptions, NoCheckpointError, SaveResult, describe
 from .storage import (
     CheckpointError,
     CheckpointWriteError,

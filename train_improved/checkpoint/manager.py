@@ -30,112 +30,24 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from . import layout, storage
 from .layout import Family, Kind
+from .records import (
+    CheckpointInfo,
+    CheckpointOptions,
+    NoCheckpointError,
+    SaveResult,
+    describe,
+    human_bytes,
+)
 from .retention import keep_last, to_delete
 from .storage import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
 logger = logging.getLogger("train_improved.checkpoint")
-
-
-class NoCheckpointError(CheckpointError):
-    """The directory holds no checkpoint to resume from."""
-
-
-@dataclass
-class CheckpointOptions:
-    """Everything the store can be told. Defaults follow SPEC §4."""
-
-    keep_rolling: int = 10  # rolling step checkpoints; best, epoch and emergency are kept separately
-    keep_emergency: int = 10  # emergency checkpoints have their own, independent retention
-    save_every: int | None = 250  # steps between rolling saves (should_save); None never
-    metric: str = "val_loss"  # the metric that decides best_model.pt
-    mode: Literal["min", "max"] = "min"
-    min_free_bytes: int = 0  # a save is skipped rather than leave less free space than this
-    async_save: bool = True  # stage to reused host buffers, write in a background thread
-    storage_report_every: int = 10  # log storage per family every N saves
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.keep_rolling < 1:
-            problems.append(f"keep_rolling must be at least 1 (got {self.keep_rolling})")
-        if self.keep_emergency < 1:
-            problems.append(f"keep_emergency must be at least 1 (got {self.keep_emergency})")
-        if self.save_every is not None and self.save_every < 1:
-            problems.append(f"save_every must be a positive number of steps (got {self.save_every})")
-        if self.mode not in ("min", "max"):
-            problems.append(f"mode must be 'min' or 'max' (got {self.mode!r})")
-        if self.min_free_bytes < 0:
-            problems.append(f"min_free_bytes cannot be negative (got {self.min_free_bytes})")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """One file of the store, described from its footer alone (no tensor is read)."""
-
-    name: str
-    path: Path
-    family: Family
-    size: int
-    inode: int
-    meta: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None  # why the footer could not be read; None when it could
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def step(self) -> int | None:
-        return self.meta.get("step")
-
-    @property
-    def epoch(self) -> int | None:
-        return self.meta.get("epoch")
-
-    @property
-    def kind(self) -> str | None:
-        return self.meta.get("kind")
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        return self.meta.get("metrics") or {}
-
-    @property
-    def saved_at(self) -> str | None:
-        return self.meta.get("saved_at")
-
-
-@dataclass
-class SaveResult:
-    """What one file of a save cost, or why it failed: the trainer logs one record per result."""
-
-    kind: Kind
-    name: str
-    step: int
-    bytes: int = 0
-    stall_s: float = 0.0  # time the caller was blocked
-    write_s: float = 0.0  # time the writer spent (serialize, checksum, fsync, verify, commit)
-    error: str | None = None
-    skipped: bool = False
-
-
-def describe(path: Path) -> CheckpointInfo:
-    """Describe one file of a checkpoint directory from its footer."""
-    parsed = layout.parse_name(path.name)
-    family = parsed.family if parsed else Family.LATEST
-    st = os.stat(path)
-    try:
-        return CheckpointInfo(path.name, path, family, st.st_size, st.st_ino, storage.read_footer(path))
-    except CheckpointError as e:
-        return CheckpointInfo(path.name, path, family, st.st_size, st.st_ino, error=str(e))
 
 
 class CheckpointManager:
@@ -569,12 +481,3 @@ def _tensor_bytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(v) for v in obj)
     return 0
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

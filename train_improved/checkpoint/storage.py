@@ -22,7 +22,8 @@ import shutil
 import struct
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 import xxhash
@@ -115,6 +116,24 @@ def _hash_payload(f: BinaryIO, payload_bytes: int) -> str:
     return hasher.hexdigest()
 
 
+_NO_HARD_LINKS = (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+@contextmanager
+def _temporary_for(final: Path, action: str) -> Iterator[Path]:
+    """A temporary path beside `final`; on any failure it is removed and the error says what failed."""
+    tmp = temp_path_for(final)
+    try:
+        yield tmp
+    except BaseException as e:
+        _unlink_quietly(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(f"could not {action}: {_describe_os_error(e)}") from e
+        if isinstance(e, CorruptCheckpointError):
+            raise CheckpointWriteError(f"{final.name} did not verify after writing: {e}") from e
+        raise
+
+
 def write_checkpoint(
     final: Path, obj: Any, meta: dict[str, Any], before_commit: Callable[[], None] | None = None,
     *, verify: bool = True,
@@ -123,13 +142,14 @@ def write_checkpoint(
 
     The footer gets `format_version`, `digest`, `algorithm` and `payload_bytes` added.
     `before_commit` runs after the new file is durable and verified, just before it takes its final
-    name (the store uses it to move the old best aside only once the new best is safe). On any error
-    the temporary file is removed, `final` is untouched, and `CheckpointWriteError` is raised.
+    name (the store uses it to move the old best aside only once the new best is safe).
+    `verify=False` skips only the read-back (for an emergency save against a deadline); the digest
+    is still in the footer and every load checks it. On any error the temporary file is removed,
+    `final` is untouched, and `CheckpointWriteError` is raised.
     """
     import torch  # deferred: the lister and the footer readers must not pay for importing torch
 
-    tmp = temp_path_for(final)
-    try:
+    with _temporary_for(final, f"write {final.name}") as tmp:
         with open(tmp, "xb") as raw:
             writer = _HashingWriter(raw)
             torch.save(obj, writer)
@@ -149,31 +169,18 @@ def write_checkpoint(
             before_commit()
         os.replace(tmp, final)
         fsync_dir(final.parent)
-    except BaseException as e:
-        _unlink_quietly(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointWriteError(f"could not write {final.name}: {_describe_os_error(e)}") from e
-        if isinstance(e, CorruptCheckpointError):
-            raise CheckpointWriteError(f"{final.name} did not verify after writing: {e}") from e
-        raise
     return footer_meta
 
 
 def copy_checkpoint(src: Path, final: Path) -> dict[str, Any]:
     """Atomically make `final` an independent copy (its own inode) of `src`, verified like a write."""
-    tmp = temp_path_for(final)
-    try:
+    with _temporary_for(final, f"copy {src.name} to {final.name}") as tmp:
         shutil.copyfile(src, tmp)  # sendfile/copy_file_range on Linux: no Python-level buffer
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         footer = verify_file(tmp, expected_digest=read_footer(src)["digest"])
         os.replace(tmp, final)
         fsync_dir(final.parent)
-    except BaseException as e:
-        _unlink_quietly(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointWriteError(f"could not copy {src.name} to {final.name}: {_describe_os_error(e)}") from e
-        raise
     return footer
 
 
@@ -182,20 +189,17 @@ def link_checkpoint(src: Path, final: Path) -> None:
 
     Used for names whose content must equal another file's but which are not backups (latest).
     """
-    tmp = temp_path_for(final)
-    try:
-        os.link(src, tmp)
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise CheckpointWriteError(f"could not link {src.name} to {final.name}: {_describe_os_error(e)}") from e
-        copy_checkpoint(src, final)
-        return
-    try:
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except OSError as e:
-        _unlink_quietly(tmp)
-        raise CheckpointWriteError(f"could not link {src.name} to {final.name}: {_describe_os_error(e)}") from e
+    with _temporary_for(final, f"link {src.name} to {final.name}") as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError as e:
+            if e.errno not in _NO_HARD_LINKS:
+                raise
+        else:
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+            return
+    copy_checkpoint(src, final)  # this filesystem has no hard links
 
 
 def rename(src: Path, dst: Path) -> None:
