@@ -22,8 +22,9 @@ ARGS = ["--data", "corpus.txt", *TINY, "--max-steps", str(STEPS), "--num-epochs"
 
 
 def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(random.randint(20000, 40000)), "-m", "train_improved", *args]
+    # --standalone: a rendezvous on a free local port, so parallel or back-to-back runs never collide.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "train_improved", *args]
 
 
 def env() -> dict[str, str]:

@@ -255,7 +255,8 @@ def test_injected_fsync_errors_in_a_real_process(tmp_path: Path, text_file: Path
 
 
 def test_syscall_order_of_a_real_save(tmp_path: Path, text_file: Path) -> None:
-    """Every committed file is fsynced before its rename; the directory is fsynced after it."""
+    """Every committed file is fsynced before its rename, the directory right after it, and old files are
+    deleted only once the new latest is durable."""
     if not shutil.which("strace"):
         pytest.skip("strace is not installed")
     log = tmp_path / "trace.txt"
@@ -281,6 +282,8 @@ def test_syscall_order_of_a_real_save(tmp_path: Path, text_file: Path) -> None:
         elif call.startswith(("rename", "renameat")) and ".tmp-" in call:
             src, dst = call.split('"')[1], call.split('"')[3]
             events.append(("rename", Path(src).name, Path(dst).name))
+        elif call.startswith("unlink") and "rolling_step_" in call and call.endswith("= 0"):
+            events.append(("unlink", Path(call.split('"')[1]).name))
     renames = [e for e in events if e[0] == "rename"]
     assert renames, "no committed file seen"
     for i, event in enumerate(events):
@@ -290,6 +293,12 @@ def test_syscall_order_of_a_real_save(tmp_path: Path, text_file: Path) -> None:
         if not dst.startswith(("latest", "best_model_previous")):  # hard links share an fsynced inode
             assert src in synced, f"{dst} renamed before its temp file was fsynced"
         assert ("fsync", "dir") in events[i + 1:i + 3], f"directory not fsynced right after {dst}"
+    # Retention deletes an old rolling file only once the new latest is renamed in and made durable.
+    unlinks = [i for i, e in enumerate(events) if e[0] == "unlink"]
+    assert unlinks, "--keep-checkpoints 1 should have pruned something"
+    for i in unlinks:
+        latest = max(j for j, e in enumerate(events[:i]) if e[0] == "rename" and e[2] == "latest.pt")
+        assert ("fsync", "dir") in events[latest + 1:i], f"{events[i][1]} deleted before latest.pt was durable"
 
 
 def test_second_process_is_refused_and_lister_sees_only_whole_files(tmp_path: Path) -> None:

@@ -192,10 +192,11 @@ def test_exception_in_the_loop_leaves_an_emergency_checkpoint(tmp_path: Path, te
 def test_second_sigint_exits_at_once_and_corrupts_nothing(run_dir: Path) -> None:
     from train_improved.checkpoint import verify_file
 
-    proc = start(run_dir, "--n-embd", "256", "--n-head", "4")  # a bigger state: the emergency save takes a while
-    wait_for_step(run_dir, 6, proc)
+    big = ["--n-embd", "512", "--n-head", "4", "--n-layer", "4"]  # ~150 MB of state: the emergency save takes a while
+    proc = start(run_dir, *big)
+    wait_for_step(run_dir, 3, proc)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
+    time.sleep(0.01)
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -205,7 +206,6 @@ def test_second_sigint_exits_at_once_and_corrupts_nothing(run_dir: Path) -> None
     ck = run_dir / "checkpoints"
     for p in ck.glob("*.pt"):
         verify_file(p)  # whatever was committed is whole
-    out = run_train("--data", "corpus.txt", *ARGS, "--n-embd", "256", "--n-head", "4", "--resume", "auto",
-                    "--max-steps", "8", cwd=run_dir)
+    out = run_train("--data", "corpus.txt", *ARGS, *big, "--resume", "auto", "--max-steps", "5", cwd=run_dir)
     assert out.returncode == 0, out.stderr
     assert not list(ck.glob(".tmp-*"))

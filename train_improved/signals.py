@@ -7,7 +7,8 @@ Python installs only a SIGINT handler, and as PID 1 in a container an unhandled 
 A second SIGINT means "stop now": it exits at once with 130. Saves run in the writer thread and
 the main thread waits for them in short slices, so this handler runs within ~0.1 s even during a
 long write; the abandoned save's temporary file is removed when the next run opens the directory,
-and every committed file is untouched.
+and every committed file is untouched. The other handlers are restored on exit; SIGINT's stays once
+a stop was requested, so a Ctrl+C during shutdown also exits quietly with 130.
 """
 
 from __future__ import annotations
@@ -50,5 +51,7 @@ class GracefulStop:
 
     def __exit__(self, *exc: object) -> None:
         for s, handler in self._previous.items():
+            if s == signal.SIGINT and self.signum is not None:
+                continue  # stopping: until the process is gone, another Ctrl+C still means "now", not a traceback
             signal.signal(s, handler)  # type: ignore[arg-type]
         self._previous.clear()
