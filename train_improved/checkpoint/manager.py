@@ -12,8 +12,9 @@ It knows nothing about models: a state is a dict of plain data and tensors. Byte
 `storage`; this module decides names, order, and what may be deleted.
 
 Commit order of one save (each line is durable before the next starts):
-  1. the new file is written, fsynced, read back and verified under a temporary name, then renamed;
-  2. its independent backup copy is made the same way (rolling and best);
+  1. the new file and its independent backup (rolling and best) are written in one serialization
+     pass under temporary names, fsynced, read back and verified; then the file is renamed (and
+     the directory fsynced), then the backup;
   3. latest_backup.pt becomes the old latest (a hard link), then latest.pt the new file;
   4. retention deletes what its family's policy drops, never a protected or foreign file;
   5. one line is appended to history.jsonl.
@@ -324,14 +325,12 @@ class CheckpointManager:
                 if path.is_file():
                     storage.link_checkpoint(path, d / layout.BEST_PREVIOUS)
 
-            storage.write_checkpoint(path, payload, footer, before_commit=keep_old_best)
-            storage.copy_checkpoint(path, d / layout.BEST_BACKUP)
+            storage.write_checkpoint(path, payload, footer, before_commit=keep_old_best,
+                                     copies=[d / layout.BEST_BACKUP])
             return 2 * path.stat().st_size
-        storage.write_checkpoint(path, payload, footer, verify=verify)
-        if kind is Kind.ROLLING:
-            storage.copy_checkpoint(path, d / layout.ROLLING_BACKUP)
-            return 2 * path.stat().st_size
-        return path.stat().st_size
+        backups = [d / layout.ROLLING_BACKUP] if kind is Kind.ROLLING else []
+        storage.write_checkpoint(path, payload, footer, verify=verify, copies=backups)
+        return (1 + len(backups)) * path.stat().st_size
 
     def _point_latest_to(self, path: Path, step: int) -> None:
         latest = self.directory / layout.LATEST

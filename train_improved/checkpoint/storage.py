@@ -22,8 +22,8 @@ import shutil
 import struct
 import time
 from pathlib import Path
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any, BinaryIO
 
 import xxhash
@@ -76,21 +76,23 @@ def _unlink_quietly(path: Path) -> None:
 
 
 class _HashingWriter:
-    """File-like sink for torch.save that hashes every byte on its way to the file."""
+    """File-like sink for torch.save that hashes every byte on its way to one or more files."""
 
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw = raw
+    def __init__(self, raws: Sequence[BinaryIO]) -> None:
+        self.raws = raws
         self.hasher = xxhash.xxh3_128()
         self.bytes_written = 0
 
     def write(self, data: bytes | memoryview) -> int:
         self.hasher.update(data)
-        n = self.raw.write(data)
+        for raw in self.raws:
+            n = raw.write(data)
         self.bytes_written += n
         return n
 
     def flush(self) -> None:
-        self.raw.flush()
+        for raw in self.raws:
+            raw.flush()
 
 
 def _encode_footer(meta: dict[str, Any]) -> bytes:
@@ -136,39 +138,47 @@ def _temporary_for(final: Path, action: str) -> Iterator[Path]:
 
 def write_checkpoint(
     final: Path, obj: Any, meta: dict[str, Any], before_commit: Callable[[], None] | None = None,
-    *, verify: bool = True,
+    *, verify: bool = True, copies: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Atomically write `obj` (torch.save) to `final` with `meta` in its footer; return the footer.
 
-    The footer gets `format_version`, `digest`, `algorithm` and `payload_bytes` added.
-    `before_commit` runs after the new file is durable and verified, just before it takes its final
-    name (the store uses it to move the old best aside only once the new best is safe).
+    The footer gets `format_version`, `digest`, `algorithm` and `payload_bytes` added. `copies` are
+    independent files (their own inodes) with the same bytes, written in the same pass (serializing
+    once is much cheaper than copying the file afterwards) and committed right after `final`.
+    `before_commit` runs after every new file is durable and verified, just before `final` takes
+    its name (the store uses it to move the old best aside only once the new best is safe).
     `verify=False` skips only the read-back (for an emergency save against a deadline); the digest
-    is still in the footer and every load checks it. On any error the temporary file is removed,
-    `final` is untouched, and `CheckpointWriteError` is raised.
+    is still in the footer and every load checks it. On any error every temporary file is removed,
+    no final name is touched before its own file is complete, and `CheckpointWriteError` is raised.
     """
     import torch  # deferred: the lister and the footer readers must not pay for importing torch
 
-    with _temporary_for(final, f"write {final.name}") as tmp:
-        with open(tmp, "xb") as raw:
-            writer = _HashingWriter(raw)
+    targets = [final, *copies]
+    with ExitStack() as stack:
+        tmps = [stack.enter_context(_temporary_for(t, f"write {t.name}")) for t in targets]
+        with ExitStack() as files:
+            raws = [files.enter_context(open(tmp, "xb")) for tmp in tmps]
+            writer = _HashingWriter(raws)
             torch.save(obj, writer)
             payload = writer.bytes_written
             footer_meta = dict(meta, format_version=FORMAT_VERSION, algorithm=DIGEST_ALGORITHM,
                                digest=writer.hasher.hexdigest(), payload_bytes=payload)
             footer = _encode_footer(footer_meta)
-            raw.seek(payload - 2)
-            raw.write(struct.pack("<H", len(footer)))  # the zip comment now covers the footer
-            raw.write(footer)
-            raw.flush()
-            # After a failed fsync Linux may drop the dirty pages: the file is abandoned, never retried.
-            os.fsync(raw.fileno())
+            for raw in raws:
+                raw.seek(payload - 2)
+                raw.write(struct.pack("<H", len(footer)))  # the zip comment now covers the footer
+                raw.write(footer)
+                raw.flush()
+                # After a failed fsync Linux may drop the dirty pages: the file is abandoned, never retried.
+                os.fsync(raw.fileno())
         if verify:
-            verify_file(tmp, expected_digest=footer_meta["digest"])
+            for tmp in tmps:
+                verify_file(tmp, expected_digest=footer_meta["digest"])
         if before_commit is not None:
             before_commit()
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        for tmp, target in zip(tmps, targets):
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
     return footer_meta
 
 
