@@ -45,8 +45,8 @@ def main() -> None:
             d = Path(tmp) / name.replace(" ", "")
             fill(d, count, mb)
             files = len(list(d.glob("*.pt")))
-            inproc = timed(lambda: collect(d))
-            cmd = timed(lambda: subprocess.run([sys.executable, "-m", "train_improved", "--list-checkpoints",
+            inproc = timed(lambda d=d: collect(d))
+            cmd = timed(lambda d=d: subprocess.run([sys.executable, "-m", "train_improved", "--list-checkpoints",
                                                 "--json", "--checkpoint-dir", str(d)], check=True,
                                                capture_output=True), repeats=3)
             print(f"{name:>14} {files:>6} {inproc:>10.4f} {cmd:>10.3f}")

@@ -37,7 +37,7 @@ def runner_step_times(cfg_overrides: dict, steps: int, workdir: Path) -> list[fl
     times = [json.loads(line)["time"] for line in cfg.metrics_path.read_text().splitlines()
              if json.loads(line)["event"] == "step"]
     # Wall time between consecutive step records: everything the runner does per step is inside.
-    return [b - a for a, b in zip(times[5:], times[6:])]
+    return [b - a for a, b in zip(times[5:], times[6:], strict=False)]
 
 
 def bare_step_times(cfg_overrides: dict, steps: int) -> list[float]:

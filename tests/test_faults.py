@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, run_train, step_losses
+from conftest import CORPUS_BYTES, TINY, corpus_bytes, run_train, step_losses
 from train_improved.checkpoint import storage, verify_file
 
 pytestmark = pytest.mark.faults

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CORPUS_BYTES, STEPS_PER_EPOCH, TINY, corpus_bytes, read_metrics, run_train, step_losses
+from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, run_train, step_losses
 from train_improved.data import TokenLoader
 
 STEPS = 30  # 12 steps per epoch: epochs 0 and 1 end inside the run

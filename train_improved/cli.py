@@ -108,8 +108,8 @@ def train(
 
 def generate_resume_command(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file (a path, or a name inside --checkpoint-dir).")],
+    ctx: typer.Context,
     compare: Annotated[bool, typer.Option("--compare", help="Show old vs new values and classify each change.")] = False,
-    ctx: typer.Context = typer.Option(None, hidden=True),
 ) -> None:
     """Print the full `train` command that resumes from CHECKPOINT, every original option spelled out.
 

@@ -74,10 +74,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @property
-    def grad_accum_steps(self) -> int:
-        return self.batch_size // self.mini_batch_size
-
-    @property
     def metrics_path(self) -> Path:
         return Path(self.metrics_file) if self.metrics_file else Path(self.log_dir) / "metrics.jsonl"
 

@@ -34,4 +34,4 @@ def keep_all(items: Sequence[T]) -> list[bool]:
 
 def to_delete(items: Sequence[T], policy: Policy, protected: Callable[[T], bool]) -> list[T]:
     """Items the policy drops, minus protected ones."""
-    return [item for item, keep in zip(items, policy(items)) if not keep and not protected(item)]
+    return [item for item, keep in zip(items, policy(items), strict=True) if not keep and not protected(item)]

@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import struct
-import time
 from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -176,7 +175,7 @@ def write_checkpoint(
                 verify_file(tmp, expected_digest=footer_meta["digest"])
         if before_commit is not None:
             before_commit()
-        for tmp, target in zip(tmps, targets):
+        for tmp, target in zip(tmps, targets, strict=True):
             os.replace(tmp, target)
             fsync_dir(target.parent)
     return footer_meta
@@ -210,12 +209,6 @@ def link_checkpoint(src: Path, final: Path) -> None:
             fsync_dir(final.parent)
             return
     copy_checkpoint(src, final)  # this filesystem has no hard links
-
-
-def rename(src: Path, dst: Path) -> None:
-    """Atomically move `src` over `dst` and make the rename durable."""
-    os.replace(src, dst)
-    fsync_dir(dst.parent)
 
 
 def remove(path: Path) -> None:
@@ -336,7 +329,3 @@ def _describe_os_error(e: OSError) -> str:
     name = errno.errorcode.get(e.errno or 0, "")
     text = e.strerror or str(e)
     return f"{text} ({name})" if name else text
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
