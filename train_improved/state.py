@@ -12,17 +12,24 @@ import numpy as np
 import torch
 
 
-def capture_rng_state() -> dict[str, Any]:
-    version, internal, gauss_next = random.getstate()
-    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+def snapshot_rng() -> tuple[Any, Any, torch.Tensor, list[torch.Tensor] | None]:
+    """The raw generator states, cheaply (taken after every optimizer step); see `as_plain_rng_state`."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return random.getstate(), np.random.get_state(legacy=True), torch.get_rng_state(), cuda
+
+
+def as_plain_rng_state(snapshot: tuple[Any, Any, torch.Tensor, list[torch.Tensor] | None]) -> dict[str, Any]:
+    """A snapshot as plain data for a checkpoint (done only when saving)."""
+    (version, internal, gauss_next), np_state, torch_state, cuda = snapshot
+    bit_generator, keys, pos, has_gauss, cached_gaussian = np_state
     state: dict[str, Any] = {
         "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
         "numpy": {"bit_generator": bit_generator, "keys": [int(k) for k in keys], "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-        "torch": torch.get_rng_state(),
+        "torch": torch_state,
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    if cuda is not None:
+        state["torch_cuda"] = cuda
     return state
 
 

@@ -29,7 +29,7 @@ from .data import TokenLoader, load_dataset
 from .metrics import MetricsLogger
 from .model import GPT, GPTConfig
 from .signals import GracefulStop
-from .state import capture_rng_state, restore_rng_state
+from .state import as_plain_rng_state, restore_rng_state, snapshot_rng
 
 logger = logging.getLogger("train_improved")
 AUTO_FIRST_INTERVAL = 250  # steps between rolling saves under --checkpoint-freq auto before any cost is known
@@ -143,8 +143,9 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _mark_boundary(self) -> None:
+        # After every optimizer step: kept raw and cheap here, turned into plain data only by state_dict().
         self._boundary = {
-            "rng_state": capture_rng_state(),
+            "rng_state": snapshot_rng(),
             "dataloader_state": {
                 **{f"train_{k}": v for k, v in self.train_loader.state_dict().items()},
                 **{f"val_{k}": v for k, v in self.val_loader.state_dict().items()},
@@ -168,10 +169,12 @@ class Trainer:
             "last_eval_step": self.last_eval_step,
             "args": self.cfg.to_dict(),
             "world_size": self.dist.world_size,
-            **self._boundary,
         }
+        boundary = {"rng_state": as_plain_rng_state(self._boundary["rng_state"]),
+                    "dataloader_state": dict(self._boundary["dataloader_state"])}
+        state.update(boundary)
         if self.dist.enabled:  # a collective: every rank calls state_dict() at the same points
-            state["rank_states"] = distributed.gather(self.dist, self._boundary)
+            state["rank_states"] = distributed.gather(self.dist, boundary)
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         return state
