@@ -67,7 +67,6 @@ class CheckpointManager:
         self._lock_fd: int | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[list[SaveResult]] | None = None
-        self._inflight_started = 0.0
         self._done: list[SaveResult] = []
         self._jobs = 0
         self._last_file_bytes: int | None = None
@@ -218,7 +217,6 @@ class CheckpointManager:
         stall = time.perf_counter() - started
         self._inflight = self._executor.submit(self._commit, snapshot, step, epoch, todo, metrics, meta, stall,
                                               verify)
-        self._inflight_started = started
         if not self.options.async_save:
             self._wait_inflight()
             for r in self._done:
@@ -229,7 +227,11 @@ class CheckpointManager:
         """How long one more file of this state should take to write, from measured saves; None before any."""
         if not self.write_bandwidth:
             return None
-        return (self._last_file_bytes or _tensor_bytes(state)) / self.write_bandwidth
+        return self._expected_file_bytes(state) / self.write_bandwidth
+
+    def _expected_file_bytes(self, state: dict[str, Any]) -> int:
+        """The size of one file of this state: the last one written, else its tensors plus framing."""
+        return self._last_file_bytes or _tensor_bytes(state) + (1 << 16)
 
     def _stage(self, state: dict[str, Any]) -> dict[str, Any]:
         if self._staging is None:
@@ -320,16 +322,14 @@ class CheckpointManager:
                       verify: bool = True) -> int:
         """Write one file plus its family's backup; return the bytes written."""
         d = self.directory
-        if kind is Kind.BEST:
-            def keep_old_best() -> None:  # only once the new best is durable and verified
-                if path.is_file():
-                    storage.link_checkpoint(path, d / layout.BEST_PREVIOUS)
 
-            storage.write_checkpoint(path, payload, footer, before_commit=keep_old_best,
-                                     copies=[d / layout.BEST_BACKUP])
-            return 2 * path.stat().st_size
-        backups = [d / layout.ROLLING_BACKUP] if kind is Kind.ROLLING else []
-        storage.write_checkpoint(path, payload, footer, verify=verify, copies=backups)
+        def keep_old_best() -> None:  # only once the new best is durable and verified
+            if path.is_file():
+                storage.link_checkpoint(path, d / layout.BEST_PREVIOUS)
+
+        backups = {Kind.ROLLING: [d / layout.ROLLING_BACKUP], Kind.BEST: [d / layout.BEST_BACKUP]}.get(kind, [])
+        storage.write_checkpoint(path, payload, footer, before_commit=keep_old_best if kind is Kind.BEST else None,
+                                 verify=verify, copies=backups)
         return (1 + len(backups)) * path.stat().st_size
 
     def _point_latest_to(self, path: Path, step: int) -> None:
@@ -368,7 +368,7 @@ class CheckpointManager:
 
     def _has_room(self, state: dict[str, Any], kinds: Sequence[Kind], step: int) -> bool:
         copies = sum(2 if k in (Kind.ROLLING, Kind.BEST) else 1 for k in kinds)
-        per_file = self._last_file_bytes or _tensor_bytes(state) + (1 << 16)
+        per_file = self._expected_file_bytes(state)
         needed = copies * per_file + self.options.min_free_bytes
         free = storage.free_bytes(self.directory)
         if free >= needed:
