@@ -77,7 +77,8 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
         if d.is_main:
             if manager is None:
                 manager = CheckpointManager(cfg.checkpoint_dir, checkpoint_options(cfg))
-            manager.options = checkpoint_options(cfg)
+            else:
+                manager.options = checkpoint_options(cfg)  # opened with the options known before the checkpoint's
         metrics = MetricsLogger(cfg.metrics_path, tensorboard_dir=Path(cfg.log_dir) if cfg.use_tensorboard else None,
                                 enabled=d.is_main)
         try:

@@ -132,7 +132,6 @@ class Trainer:
         self.val_loss: float | None = None
         self.best_val_loss: float | None = None
         self.last_eval_step = 0
-        self.resumed_from: str | None = None
         # --checkpoint-freq auto starts at the default interval until a save has been timed.
         self._save_every = cfg.checkpoint_freq if isinstance(cfg.checkpoint_freq, int) else AUTO_FIRST_INTERVAL
         self._updating = False  # inside the optimizer update: the state is not consistent
@@ -361,13 +360,18 @@ class Trainer:
             return
         state = self.state_dict()
         if self.manager is not None:
-            self.manager.save(state, step=self.step, epoch=self.epoch_of(self.step), kinds=kinds,
-                              metrics=self._metrics(), meta={"args": self.cfg.to_dict()})
+            self._submit(state, kinds)
             if self.cfg.checkpoint_freq == "auto":
                 self._retune_checkpoint_freq()
         if self.dist.enabled:
             self._save_every = distributed.gather(self.dist, self._save_every)[0]  # rank 0 measured the cost
             distributed.barrier(self.dist)
+
+    def _submit(self, state: dict[str, Any], kinds: list[Kind], verify: bool = True) -> None:
+        """Hand a state to the store (rank 0), with the metrics and options every checkpoint records."""
+        assert self.manager is not None
+        self.manager.save(state, step=self.step, epoch=self.epoch_of(self.step), kinds=kinds,
+                          metrics=self._metrics(), meta={"args": self.cfg.to_dict()}, verify=verify)
 
     def _log_results(self, results: list[SaveResult]) -> None:
         assert self.manager is not None
@@ -404,8 +408,7 @@ class Trainer:
         if not verify:
             logger.warning("an emergency save is expected to take %.1fs, over --emergency-budget %.0fs: skipping "
                            "its read-back verification (its checksum is still checked on load)", expected, budget)
-        self.manager.save(state, step=self.step, epoch=self.epoch_of(self.step), kinds=Kind.EMERGENCY,
-                          metrics=self._metrics(), meta={"args": self.cfg.to_dict()}, verify=verify)
+        self._submit(state, [Kind.EMERGENCY], verify=verify)
         results = self.manager.wait_until_finished()
         self._log_results(results)
         if results and not any(r.error for r in results):
@@ -428,8 +431,7 @@ class Trainer:
         logger.error("training failed at step %d: writing an emergency checkpoint before the traceback", self.step)
         try:
             self.manager.wait_until_finished()
-            self.manager.save(self.state_dict(), step=self.step, epoch=self.epoch_of(self.step),
-                              kinds=Kind.EMERGENCY, metrics=self._metrics(), meta={"args": self.cfg.to_dict()})
+            self._submit(self.state_dict(), [Kind.EMERGENCY])
             self._log_results(self.manager.wait_until_finished())
         except Exception as e:  # noqa: BLE001 - the original error matters more; report this one and go on
             logger.error("the emergency checkpoint also failed: %s", e)
