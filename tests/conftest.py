@@ -55,7 +55,16 @@ def run_train(*args: str, cwd: Path, env: dict[str, str] | None = None, check: b
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The parsed records. As the metrics file documents, a line that does not parse (the tail of a file
+    a live run is appending to, or a line cut by kill -9) is skipped; step_losses() still demands
+    every step, so nothing a comparison needs can go missing unnoticed."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def step_losses(path: Path) -> dict[int, float]:
