@@ -10,6 +10,7 @@ are gathered into the checkpoint, so a resume with the same world size is exact.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -44,9 +45,22 @@ def init(d: Dist, device: str) -> None:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
 
 
-def shutdown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(d: Dist, *, together: bool) -> None:
+    """Destroy the process group.
+
+    `together` (after a normal end, the emergency stop included): free what still holds the group
+    (DDP's reducer) while the interpreter is fully alive, then meet every rank at a barrier so none
+    tears gloo down while another still communicates. Without this, a finished run could end with
+    "terminate called without an active exception" (SIGABRT) on one rank and torchrun exiting 1;
+    see pytorch/pytorch#179291. Never after an error: the other ranks may be stuck in another
+    collective, and a barrier would turn the crash into a hang.
+    """
+    if not (d.enabled and dist.is_initialized()):
+        return
+    if together:
+        gc.collect()
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier(d: Dist) -> None:

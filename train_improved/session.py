@@ -50,9 +50,12 @@ def run_session(given: dict[str, Any], *, resume: str | None, config_file: str |
     use_cuda = pre.device.startswith("cuda") or (pre.device == "auto" and torch.cuda.is_available())
     distributed.init(d, "cuda" if use_cuda else "cpu")
     try:
-        return _run(d, given, resume, config_file, pre)
-    finally:
-        distributed.shutdown(d)
+        code = _run(d, given, resume, config_file, pre)
+    except BaseException:
+        distributed.shutdown(d, together=False)
+        raise
+    distributed.shutdown(d, together=True)
+    return code
 
 
 def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_file: str | None,
