@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_improved.checkpoint import storage
-from train_improved.checkpoint.storage import (
+from train_improved.checkpoint import fileformat, storage
+from train_improved.checkpoint.fileformat import (
     CheckpointWriteError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
     load_checkpoint,
     read_footer,
     verify_file,
-    write_checkpoint,
 )
+from train_improved.checkpoint.storage import write_checkpoint
 
 
 def state(seed: int = 0) -> dict:
@@ -52,9 +52,9 @@ def test_failure_at_each_write_phase_leaves_old_file_identical_and_no_temp(tmp_p
         raise OSError(28, "No space left on device")
 
     target = {"serialize": (torch, "save"), "fsync": (os, "fsync"), "rename": (os, "replace"),
-              "fsync_dir": (storage, "fsync_dir"), "verify": (storage, "_hash_payload")}[phase]
+              "fsync_dir": (storage, "fsync_dir"), "verify": (fileformat, "hash_file")}[phase]
     if phase == "verify":
-        monkeypatch.setattr(storage, "_hash_payload", lambda f, n: "0" * 32)
+        monkeypatch.setattr(fileformat, "hash_file", lambda *a, **k: "0" * 32)
     else:
         monkeypatch.setattr(*target, boom)
     with pytest.raises(CheckpointWriteError) as err:
@@ -126,7 +126,7 @@ def forge(path: Path, obj: object) -> None:
     meta = {"digest": xxhash.xxh3_128(payload).hexdigest(), "payload_bytes": len(payload), "step": 1,
             "format_version": 1, "args": {"lr": 1.0}}
     body = json.dumps(meta).encode()
-    footer = body + struct.pack("<I16s8s", len(body), xxhash.xxh3_64_hexdigest(body).encode(), storage.FOOTER_MAGIC)
+    footer = body + struct.pack("<I16s8s", len(body), xxhash.xxh3_64_hexdigest(body).encode(), fileformat.FOOTER_MAGIC)
     path.write_bytes(payload[:-2] + struct.pack("<H", len(footer)) + footer)
 
 

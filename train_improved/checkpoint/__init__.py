@@ -6,7 +6,7 @@
 from .layout import Family, Kind
 from .manager import CheckpointManager
 from .records import CheckpointInfo, CheckpointOptions, NoCheckpointError, SaveResult, describe
-from .storage import (
+from .fileformat import (
     CheckpointError,
     CheckpointWriteError,
     CorruptCheckpointError,

@@ -35,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import layout, storage
+from . import fileformat, layout, storage
 from .layout import Family, Kind
 from .records import (
     CheckpointInfo,
@@ -46,7 +46,8 @@ from .records import (
     human_bytes,
 )
 from .retention import keep_last, to_delete
-from .storage import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from .fileformat import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from .storage import Shards
 
 logger = logging.getLogger("train_improved.checkpoint")
 
@@ -140,7 +141,7 @@ class CheckpointManager:
 
     def _named(self, name: str) -> CheckpointInfo | None:
         path = self.directory / name
-        return describe(path) if path.is_file() else None
+        return describe(path) if path.exists() else None
 
     def latest(self) -> CheckpointInfo | None:
         """latest.pt, or None if the directory holds no checkpoint yet."""
@@ -189,13 +190,15 @@ class CheckpointManager:
 
     def save(self, state: dict[str, Any], *, step: int, epoch: int | None = None,
              kinds: Kind | Iterable[Kind] = Kind.ROLLING, metrics: dict[str, float] | None = None,
-             meta: dict[str, Any] | None = None, verify: bool = True) -> bool:
+             meta: dict[str, Any] | None = None, verify: bool = True, shards: Shards | None = None) -> bool:
         """Save `state` as each of `kinds`; return whether a save was started.
 
         A BEST save happens only if `metrics` improve on the best so far. With `async_save` the call
         returns once the state is copied to staging buffers; `poll()` reports the outcome. `meta`
         (plain JSON) is stored in the footer, readable without loading the checkpoint.
         `verify=False` skips the read-back check (only for saves racing a deadline).
+        `shards` (sharded state written by every rank with `sharded.write_shards`) makes each
+        checkpoint a directory holding them and `state`; the store owns and removes `shards.directory`.
         """
         if self.read_only:
             raise CheckpointError("this checkpoint manager was opened read-only")
@@ -203,10 +206,11 @@ class CheckpointManager:
         todo = [kinds] if isinstance(kinds, Kind) else list(dict.fromkeys(kinds))
         if Kind.BEST in todo and not self.is_improvement(metrics):
             todo.remove(Kind.BEST)
-        if not todo:
-            return False
-        self._wait_inflight()  # at most one save in flight: staging buffers are reused
-        if not self._has_room(state, todo, step):
+        if todo:
+            self._wait_inflight()  # at most one save in flight: staging buffers are reused
+        if not todo or not self._has_room(state, todo, step, shards):
+            if shards is not None:
+                self._drop_shards(shards)
             return False
         if Kind.BEST in todo:
             self._best_value = (metrics or {})[self.options.metric]
@@ -216,7 +220,7 @@ class CheckpointManager:
                                                 initializer=_yield_cpu_to_training)
         stall = time.perf_counter() - started
         self._inflight = self._executor.submit(self._commit, snapshot, step, epoch, todo, metrics, meta, stall,
-                                              verify)
+                                              verify, shards)
         if not self.options.async_save:
             self._wait_inflight()
             for r in self._done:
@@ -272,7 +276,22 @@ class CheckpointManager:
 
     def _commit(self, snapshot: dict[str, Any], step: int, epoch: int | None, kinds: Sequence[Kind],
                 metrics: dict[str, float] | None, meta: dict[str, Any] | None, stall: float,
-                verify: bool = True) -> list[SaveResult]:
+                verify: bool = True, shards: Shards | None = None) -> list[SaveResult]:
+        try:
+            return self._commit_each(snapshot, step, epoch, kinds, metrics, meta, stall, verify, shards)
+        finally:
+            if shards is not None:
+                self._drop_shards(shards)  # every checkpoint directory holds its own links to them
+
+    def _drop_shards(self, shards: Shards) -> None:
+        try:
+            storage.remove(shards.directory)
+        except OSError as e:  # a leftover temporary directory: the next writing open removes it
+            logger.warning("could not remove %s: %s", shards.directory, e)
+
+    def _commit_each(self, snapshot: dict[str, Any], step: int, epoch: int | None, kinds: Sequence[Kind],
+                     metrics: dict[str, float] | None, meta: dict[str, Any] | None, stall: float,
+                     verify: bool, shards: Shards | None) -> list[SaveResult]:
         import torch
 
         results = []
@@ -283,11 +302,11 @@ class CheckpointManager:
             result = SaveResult(kind, name, step, stall_s=stall)
             saved_at = now.astimezone().isoformat(timespec="seconds")
             payload = dict(snapshot, checkpoint_type=kind.value, timestamp=saved_at,
-                           format_version=storage.FORMAT_VERSION, torch_version=str(torch.__version__))
+                           format_version=fileformat.FORMAT_VERSION, torch_version=str(torch.__version__))
             footer = dict(meta or {}, name=name, kind=kind.value, step=step, epoch=epoch,
                           metrics=dict(metrics or {}), saved_at=saved_at, torch_version=str(torch.__version__))
             try:
-                result.bytes = self._write_family(kind, self.directory / name, payload, footer, verify)
+                result.bytes = self._write_family(kind, self.directory / name, payload, footer, verify, shards)
                 self._point_latest_to(self.directory / name, step)
                 deleted = self._prune(kind)
             except CheckpointError as e:
@@ -297,7 +316,7 @@ class CheckpointManager:
                 results.append(result)
                 continue
             result.write_s = time.perf_counter() - started
-            self._last_file_bytes = (self.directory / name).stat().st_size
+            self._last_file_bytes = fileformat.checkpoint_size(self.directory / name)
             self.write_bandwidth = result.bytes / max(result.write_s, 1e-9)
             self._history({"event": "save", "name": name, "kind": kind.value, "step": step, "epoch": epoch,
                            "bytes": result.bytes, "stall_s": stall, "write_s": result.write_s,
@@ -319,18 +338,18 @@ class CheckpointManager:
         return layout.BEST
 
     def _write_family(self, kind: Kind, path: Path, payload: dict[str, Any], footer: dict[str, Any],
-                      verify: bool = True) -> int:
-        """Write one file plus its family's backup; return the bytes written."""
+                      verify: bool = True, shards: Shards | None = None) -> int:
+        """Write one checkpoint plus its family's backup; return the bytes it holds (shards included)."""
         d = self.directory
 
         def keep_old_best() -> None:  # only once the new best is durable and verified
-            if path.is_file():
+            if path.exists():
                 storage.link_checkpoint(path, d / layout.BEST_PREVIOUS)
 
         backups = {Kind.ROLLING: [d / layout.ROLLING_BACKUP], Kind.BEST: [d / layout.BEST_BACKUP]}.get(kind, [])
         storage.write_checkpoint(path, payload, footer, before_commit=keep_old_best if kind is Kind.BEST else None,
-                                 verify=verify, copies=backups)
-        return (1 + len(backups)) * path.stat().st_size
+                                 verify=verify, copies=backups, shards=shards)
+        return (1 + len(backups)) * fileformat.checkpoint_size(path)
 
     def _point_latest_to(self, path: Path, step: int) -> None:
         latest = self.directory / layout.LATEST
@@ -366,9 +385,9 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------------- disk space
 
-    def _has_room(self, state: dict[str, Any], kinds: Sequence[Kind], step: int) -> bool:
+    def _has_room(self, state: dict[str, Any], kinds: Sequence[Kind], step: int, shards: Shards | None) -> bool:
         copies = sum(2 if k in (Kind.ROLLING, Kind.BEST) else 1 for k in kinds)
-        per_file = self._expected_file_bytes(state)
+        per_file = self._last_file_bytes or self._expected_file_bytes(state) + (shards.bytes if shards else 0)
         needed = copies * per_file + self.options.min_free_bytes
         free = storage.free_bytes(self.directory)
         if free >= needed:
@@ -400,10 +419,14 @@ class CheckpointManager:
         seen: set[int] = set()
         usage = {fam: 0 for fam in Family}
         # latest*.pt are usually hard links to another family's file: count them last, so the owner pays.
+        # A sharded checkpoint's files are counted one by one: checkpoints of one step share their shards.
         for info in sorted(self.all(), key=lambda i: i.family is Family.LATEST):
-            if info.inode not in seen:
-                seen.add(info.inode)
-                usage[info.family] += info.size
+            parts = ([os.stat(f) for f in info.path.iterdir()] if info.path.is_dir()
+                     else [os.stat(info.path)])
+            for st in parts:
+                if st.st_ino not in seen:
+                    seen.add(st.st_ino)
+                    usage[info.family] += st.st_size
         return usage
 
     # ----------------------------------------------------------------------------- restoring
@@ -444,7 +467,7 @@ class CheckpointManager:
         failures = []
         for i, path in enumerate(candidates):
             try:
-                state, footer = storage.load_checkpoint(path, map_location=map_location)
+                state, footer = fileformat.load_checkpoint(path, map_location=map_location)
             except (CorruptCheckpointError, UnsafeCheckpointError) as e:
                 failures.append(f"{path.name}: {e}")
                 nxt = f"; trying {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
@@ -454,8 +477,8 @@ class CheckpointManager:
                 logger.warning("resuming from %s (step %s) instead of %s", path.name, footer.get("step"), candidates[0].name)
             if path.parent == self.directory:
                 self.protect(path.name)
-            st = path.stat()
-            return state, CheckpointInfo(path.name, path, describe(path).family, st.st_size, st.st_ino, footer)
+            found = describe(path)
+            return state, CheckpointInfo(path.name, path, found.family, found.size, found.inode, footer)
         raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(failures))
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import layout, storage
+from . import fileformat, layout
 from .layout import Family, Kind
-from .storage import CheckpointError
+from .fileformat import CheckpointError
 
 
 class NoCheckpointError(CheckpointError):
@@ -97,14 +97,17 @@ class SaveResult:
 
 
 def describe(path: Path) -> CheckpointInfo:
-    """Describe one file of a checkpoint directory from its footer."""
+    """Describe one checkpoint (a file, or a sharded directory) from its footer."""
     parsed = layout.parse_name(path.name)
     family = parsed.family if parsed else Family.LATEST
-    st = os.stat(path)
+    # A sharded directory is identified by its state.pt: latest.pt's hard links share that inode.
+    carrier = fileformat.state_file(path)
+    inode = os.stat(carrier if carrier.exists() else path).st_ino
+    size = fileformat.checkpoint_size(path)
     try:
-        return CheckpointInfo(path.name, path, family, st.st_size, st.st_ino, storage.read_footer(path))
+        return CheckpointInfo(path.name, path, family, size, inode, fileformat.read_footer(path))
     except CheckpointError as e:
-        return CheckpointInfo(path.name, path, family, st.st_size, st.st_ino, error=str(e))
+        return CheckpointInfo(path.name, path, family, size, inode, error=str(e))
 
 
 def human_bytes(n: float) -> str:

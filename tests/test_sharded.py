@@ -1,0 +1,146 @@
+"""Sharded checkpoints (directories written with torch.distributed.checkpoint) in the store, one process.
+
+The collective parts run in one process here (DCP without a process group); the 2-rank FSDP2 runs
+are in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_improved.checkpoint import (
+    CheckpointManager,
+    CheckpointOptions,
+    CorruptCheckpointError,
+    Kind,
+    UnsafeCheckpointError,
+    describe,
+    verify_file,
+)
+from train_improved.checkpoint import storage
+from train_improved.checkpoint.sharded import load_model_state, read_shards, write_shards
+
+
+def tensors(step: int) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {"model": {"w": torch.randn(64, 64, generator=g), "b": torch.randn(64, generator=g)},
+            "optimizer_state": {"w.exp_avg": torch.randn(64, 64, generator=g)}}
+
+
+def save(m: CheckpointManager, step: int, kinds: list[Kind], metrics: dict | None = None) -> None:
+    staging = storage.temp_path_for(m.directory / "shards")
+    shards = write_shards(staging, tensors(step))
+    m.save({"step": step, "sharded": True, "rest": torch.tensor([step])}, step=step, kinds=kinds,
+           metrics=metrics, shards=shards)
+
+
+def test_sharded_save_makes_directories_under_the_usual_names(tmp_path: Path) -> None:
+    d = tmp_path / "ck"
+    with CheckpointManager(d, CheckpointOptions(keep_rolling=2)) as m:
+        for step in (1, 2, 3):
+            save(m, step, [Kind.ROLLING, Kind.BEST], {"val_loss": 10.0 - step})
+        m.wait_until_finished()
+        infos = {i.name: i for i in m.all()}
+    assert set(infos) == {"latest.pt", "latest_backup.pt", "rolling_step_000002.pt", "rolling_step_000003.pt",
+                          "rolling_last_backup.pt", "best_model.pt", "best_model_backup.pt", "best_model_previous.pt"}
+    assert all(i.ok and i.path.is_dir() for i in infos.values())
+    assert not list(d.glob(".tmp-*"))  # the staging directories are gone
+    latest = d / "latest.pt"
+    assert {p.name for p in latest.iterdir()} >= {"state.pt", ".metadata"}
+    # latest.pt is hard links to the newest checkpoint; the backups are independent copies.
+    newest = d / infos["latest.pt"].meta["name"]  # best_model.pt or rolling_step_000003.pt: same step
+    assert newest.name in ("best_model.pt", "rolling_step_000003.pt")
+    for f in newest.iterdir():
+        assert (latest / f.name).stat().st_ino == f.stat().st_ino
+        assert (d / "rolling_last_backup.pt" / f.name).stat().st_ino != f.stat().st_ino
+    assert infos["latest.pt"].step == 3 and infos["latest_backup.pt"].step == 2
+    assert infos["best_model_previous.pt"].step == 2
+    # storage accounting counts hard-linked directories once
+    with CheckpointManager(d, read_only=True) as m:
+        usage = sum(m.usage_by_family().values())
+    distinct = {f.stat().st_ino: f.stat().st_size for p in d.glob("*.pt") for f in p.iterdir()}
+    assert usage == sum(distinct.values())
+
+
+def test_sharded_restore_loads_every_tensor_back(tmp_path: Path) -> None:
+    d = tmp_path / "ck"
+    with CheckpointManager(d) as m:
+        save(m, 7, [Kind.ROLLING])
+        m.wait_until_finished()
+        state, info = m.restore("latest")
+    assert state["step"] == 7 and info.path == d / "latest.pt"
+    target = {k: {n: torch.zeros_like(t) for n, t in v.items()} for k, v in tensors(0).items()}
+    read_shards(info.path, target)
+    assert all(torch.equal(target[k][n], tensors(7)[k][n]) for k in target for n in target[k])
+    model = load_model_state(info.path)
+    assert set(model) == {"w", "b"} and torch.equal(model["w"], tensors(7)["model"]["w"])
+
+
+@pytest.mark.parametrize("damage", ["flip_shard", "truncate_shard", "delete_metadata", "delete_state"])
+def test_damaged_sharded_latest_falls_back_to_the_previous(tmp_path: Path, damage: str) -> None:
+    d = tmp_path / "ck"
+    with CheckpointManager(d) as m:
+        save(m, 1, [Kind.ROLLING])
+        save(m, 2, [Kind.ROLLING])
+        m.wait_until_finished()
+    # Damage every name of step 2 (latest.pt and rolling_step_000002.pt share their files).
+    target = d / "rolling_step_000002.pt"
+    shard = next(target.glob("*.distcp"))
+    if damage == "flip_shard":
+        with open(shard, "r+b") as f:
+            f.seek(shard.stat().st_size // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    elif damage == "truncate_shard":
+        os.truncate(shard, shard.stat().st_size // 2)
+    else:
+        name = ".metadata" if damage == "delete_metadata" else "state.pt"
+        (target / name).unlink()
+        (d / "latest.pt" / name).unlink()
+    with pytest.raises(CorruptCheckpointError):
+        verify_file(d / "latest.pt")
+    with CheckpointManager(d) as m:
+        state, info = m.restore("latest")
+    # The independent backup of step 2 beats latest_backup.pt at step 1.
+    assert state["step"] == 2 and info.name == "rolling_last_backup.pt"
+
+
+class Payload:
+    marker: Path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_dcp_metadata_is_refused_and_never_runs(tmp_path: Path) -> None:
+    d = tmp_path / "ck"
+    with CheckpointManager(d) as m:
+        save(m, 1, [Kind.ROLLING])
+        m.wait_until_finished()
+    Payload.marker = tmp_path / "pwned"
+    (d / "latest.pt" / ".metadata").unlink()
+    (d / "latest.pt" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        read_shards(d / "latest.pt", tensors(0))
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        load_model_state(d / "latest.pt")
+    assert not Payload.marker.exists()
+
+
+def test_pickled_objects_are_never_written_or_read_as_shards(tmp_path: Path) -> None:
+    staging = tmp_path / "s"
+    write_shards(staging, {"model": {"w": torch.ones(2)}, "note": {"x": "a python object"}})
+    with pytest.raises(UnsafeCheckpointError, match="weights_only=False"):
+        read_shards(staging, {"model": {"w": torch.zeros(2)}, "note": {"x": ""}})
+
+
+def test_a_directory_without_state_is_reported_not_loaded(tmp_path: Path) -> None:
+    (tmp_path / "rolling_step_000001.pt").mkdir()
+    info = describe(tmp_path / "rolling_step_000001.pt")
+    assert not info.ok and "state.pt" in (info.error or "")

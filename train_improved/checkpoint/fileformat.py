@@ -1,0 +1,210 @@
+"""The checkpoint format and everything that reads it: footer, verification, safe loading.
+
+A checkpoint *file* is a regular `torch.save` zip archive whose zip *comment* holds a small JSON
+footer: what the file is (kind, step, metrics, args...) and the xxh3-128 digest of the archive bytes.
+The footer ends with a fixed tail: its own length, an xxh3-64 of the JSON, and a magic string.
+So every file describes and verifies itself. Its metadata can never drift from its contents (no
+second file has to be renamed in step with it), `torch.load(path, weights_only=True)` reads it like
+any checkpoint, and the footer can be read without importing torch or touching tensor data.
+
+A *sharded* checkpoint (FSDP2, written with torch.distributed.checkpoint) is a directory with the
+same final name: the DCP files (`.metadata`, `__R_0.distcp`) plus `state.pt`, a checkpoint file as
+above holding everything but the sharded tensors, whose footer lists every DCP file with its size
+and digest. The footer is written last, so a directory is only as complete as its `state.pt` says.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import xxhash
+
+FORMAT_VERSION = 1
+DIGEST_ALGORITHM = "xxh3_128"
+FOOTER_MAGIC = b"TIMPCKPT"  # last 8 bytes of every checkpoint file
+STATE_FILE = "state.pt"  # in a sharded checkpoint directory: the footer and the non-sharded state
+_EOCD_SIGNATURE = b"PK\x05\x06"
+_EOCD_SIZE = 22  # zip end-of-central-directory record without its comment
+_TAIL = struct.Struct("<I16s8s")  # footer JSON length, xxh3-64 of the JSON (hex), magic
+_MAX_COMMENT = 0xFFFF
+_READ_CHUNK = 8 << 20
+
+
+class CheckpointError(Exception):
+    """A problem with a checkpoint or its directory that the user can act on (one clear line)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file is truncated, altered, empty, or not a train_improved checkpoint."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file would need arbitrary code to unpickle; it was refused and nothing ran."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save failed (disk full, I/O error, verification mismatch); earlier files are untouched."""
+
+
+def encode_footer(meta: dict[str, Any]) -> bytes:
+    body = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    footer = body + _TAIL.pack(len(body), xxhash.xxh3_64_hexdigest(body).encode(), FOOTER_MAGIC)
+    if len(footer) > _MAX_COMMENT:
+        raise ValueError(f"checkpoint metadata is {len(footer)} bytes; the zip comment holds {_MAX_COMMENT}")
+    return footer
+
+
+def state_file(path: Path) -> Path:
+    """The file that carries the footer: the checkpoint itself, or `state.pt` inside a sharded one."""
+    return path / STATE_FILE if path.is_dir() else path
+
+
+def is_sharded(path: Path) -> bool:
+    return path.is_dir()
+
+
+def read_footer(path: Path) -> dict[str, Any]:
+    """The footer of a checkpoint, reading only its last bytes. Raises CorruptCheckpointError."""
+    target = state_file(path)
+    try:
+        with open(target, "rb") as f:
+            return _read_footer(f, os.fstat(f.fileno()).st_size)
+    except FileNotFoundError:
+        if target != path:
+            raise CorruptCheckpointError(f"directory without {STATE_FILE} (an incomplete sharded checkpoint)") from None
+        raise CheckpointError(f"cannot read {path}: no such file") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {describe_os_error(e)}") from e
+
+
+def _read_footer(f: BinaryIO, size: int) -> dict[str, Any]:
+    if size == 0:
+        raise CorruptCheckpointError("file is empty")
+    if size < _EOCD_SIZE + _TAIL.size:
+        raise CorruptCheckpointError(f"file is only {size} bytes (truncated, or not a checkpoint)")
+    f.seek(size - _TAIL.size)
+    body_len, body_digest, magic = _TAIL.unpack(f.read(_TAIL.size))
+    if magic != FOOTER_MAGIC:
+        raise CorruptCheckpointError("no train_improved footer (truncated, or not a train_improved checkpoint)")
+    footer_len = body_len + _TAIL.size
+    payload = size - footer_len
+    if body_len > _MAX_COMMENT or payload < _EOCD_SIZE:
+        raise CorruptCheckpointError("footer length is out of range (damaged footer)")
+    f.seek(payload - _EOCD_SIZE)
+    eocd = f.read(_EOCD_SIZE)
+    if eocd[:4] != _EOCD_SIGNATURE or struct.unpack("<H", eocd[-2:])[0] != footer_len:
+        raise CorruptCheckpointError("zip end record does not match the footer (damaged or truncated)")
+    body = f.read(body_len)
+    if xxhash.xxh3_64_hexdigest(body).encode() != body_digest:
+        raise CorruptCheckpointError("footer metadata checksum mismatch (damaged footer)")
+    try:
+        meta = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CorruptCheckpointError("footer metadata is not valid JSON (damaged footer)") from None
+    if not isinstance(meta, dict) or meta.get("payload_bytes") != payload or "digest" not in meta:
+        raise CorruptCheckpointError("footer metadata is inconsistent with the file size (damaged)")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint format {meta['format_version']} is newer than this train_improved "
+            f"(reads up to {FORMAT_VERSION}); upgrade train_improved"
+        )
+    return meta
+
+
+def hash_file(path: Path, length: int | None = None, tail: bytes = b"") -> str:
+    """xxh3-128 of the first `length` bytes of `path` (all of it by default), then `tail`."""
+    hasher = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        remaining = os.fstat(f.fileno()).st_size if length is None else length
+        while remaining > 0:
+            chunk = f.read(min(_READ_CHUNK, remaining))
+            if not chunk:
+                raise CorruptCheckpointError("file is shorter than its footer says (truncated?)")
+            hasher.update(chunk)
+            remaining -= len(chunk)
+    hasher.update(tail)
+    return hasher.hexdigest()
+
+
+def verify_file(path: Path, expected_digest: str | None = None, *, shards: bool = True) -> dict[str, Any]:
+    """Read the whole checkpoint back and check its digests; return its footer.
+
+    For a sharded checkpoint, `shards=False` checks `state.pt` only (a rank that loads a directory
+    rank 0 has just verified). Raises CorruptCheckpointError.
+    """
+    target = state_file(path)
+    try:
+        meta = read_footer(path)
+        # The digest was taken while torch.save wrote, when the zip comment length was still 0.
+        actual = hash_file(target, meta["payload_bytes"] - 2, tail=b"\x00\x00")
+        if actual != meta["digest"]:
+            raise CorruptCheckpointError(f"checksum mismatch (stored {meta['digest'][:12]}…, actual {actual[:12]}…)")
+        if expected_digest is not None and actual != expected_digest:
+            raise CorruptCheckpointError("read-back digest differs from the digest computed while writing")
+        if target != path and shards:
+            verify_shards(path, meta)
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot be read back: {describe_os_error(e)}") from e
+    return meta
+
+
+def verify_shards(directory: Path, meta: dict[str, Any]) -> None:
+    """Check every DCP file the footer lists: present, same size, same digest."""
+    listed = meta.get("shards")
+    if not isinstance(listed, dict) or not listed:
+        raise CorruptCheckpointError(f"{STATE_FILE} lists no shard files (damaged footer)")
+    for name, expected in sorted(listed.items()):
+        path = directory / name
+        if not path.is_file():
+            raise CorruptCheckpointError(f"shard file {name} is missing")
+        if path.stat().st_size != expected["bytes"]:
+            raise CorruptCheckpointError(f"shard file {name} is {path.stat().st_size} bytes, "
+                                         f"{expected['bytes']} were written (truncated?)")
+        if hash_file(path) != expected["digest"]:
+            raise CorruptCheckpointError(f"shard file {name}: checksum mismatch")
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu", *, shards: bool = True
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify, then load with `weights_only=True` only. Returns (state, footer).
+
+    For a sharded checkpoint this loads `state.pt` (everything but the sharded tensors, which
+    `sharded.read_shards` loads on every rank). A payload that needs arbitrary code to unpickle
+    raises UnsafeCheckpointError; there is no fallback to unsafe loading.
+    """
+    import pickle
+
+    import torch
+
+    meta = verify_file(path, shards=shards)
+    try:
+        state = torch.load(state_file(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line),
+                      str(e).splitlines()[-1].strip() if str(e) else "")
+        raise UnsafeCheckpointError(
+            f"needs arbitrary code to unpickle and was refused (weights_only=True): {reason[:200]}"
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise CorruptCheckpointError(f"torch could not read it: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"holds a {type(state).__name__}, not a checkpoint dict")
+    return state, meta
+
+
+def checkpoint_size(path: Path) -> int:
+    """Bytes of a checkpoint: the file, or every file of a sharded directory."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
+def describe_os_error(e: OSError) -> str:
+    name = errno.errorcode.get(e.errno or 0, "")
+    text = e.strerror or str(e)
+    return f"{text} ({name})" if name else text
