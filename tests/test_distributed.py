@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, step_losses
+from train_improved.checkpoint import read_footer, verify_file
+from train_improved.checkpoint.sharded import load_model_state
 
 pytestmark = pytest.mark.distributed
 
@@ -45,6 +47,39 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def fsdp_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("fsdp_reference")
+    (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES * 2))
+    run(d, *ARGS, "--fsdp")
+    return d
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if latest.is_dir():
+        verify_file(latest)
+        return load_model_state(latest)
+    return torch.load(latest, weights_only=True)["model"]
+
+
+def stop_with_sigterm(cwd: Path, *args: str) -> str:
+    """Start a 2-rank run, SIGTERM the torchrun launcher at a random step, return its stderr."""
+    target = random.randint(4, 20)
+    proc = subprocess.Popen(torchrun(*args), cwd=cwd, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = cwd / "runs" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any(r["event"] == "step" and r["step"] >= target for r in read_metrics(metrics)):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, err[-2000:]
+    return err
+
+
 def test_two_ranks_log_once_and_write_the_single_process_layout(reference: Path) -> None:
     steps = [r["step"] for r in read_metrics(reference / "runs" / "metrics.jsonl") if r["event"] == "step"]
     assert steps == list(range(1, STEPS + 1))
@@ -59,30 +94,50 @@ def test_two_ranks_log_once_and_write_the_single_process_layout(reference: Path)
     assert not torch.equal(r0["rng_state"]["torch"], r1["rng_state"]["torch"])
 
 
-def test_sigterm_to_torchrun_then_resume_is_exact(reference: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_sigterm_to_torchrun_then_resume_is_exact(mode: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    extra = ["--fsdp"] if mode == "fsdp" else []
+    reference = request.getfixturevalue("fsdp_reference" if mode == "fsdp" else "reference")
     (tmp_path / "corpus.txt").write_bytes((reference / "corpus.txt").read_bytes())
-    target = random.randint(4, 20)
-    proc = subprocess.Popen(torchrun(*ARGS), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "runs" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and any(r["event"] == "step" and r["step"] >= target for r in read_metrics(metrics)):
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0, err[-2000:]
+    err = stop_with_sigterm(tmp_path, *ARGS, *extra)
     emergency = list((tmp_path / "checkpoints").glob("emergency_step_*.pt"))
     assert len(emergency) == 1, err[-3000:]
-    stopped = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
-    assert stopped["checkpoint_type"] == "emergency" and stopped["step"] < STEPS
+    stopped = read_footer(tmp_path / "checkpoints" / "latest.pt")
+    assert stopped["kind"] == "emergency" and stopped["step"] < STEPS
 
-    run(tmp_path, *ARGS, "--resume", "latest")
+    run(tmp_path, *ARGS, *extra, "--resume", "latest")
+    metrics = tmp_path / "runs" / "metrics.jsonl"
     assert step_losses(metrics) == step_losses(reference / "runs" / "metrics.jsonl")
-    ours = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["model"]
-    theirs = torch.load(reference / "checkpoints" / "latest.pt", weights_only=True)["model"]
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    ours, theirs = final_weights(tmp_path), final_weights(reference)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_fsdp_checkpoints_are_directories_under_the_same_names(fsdp_reference: Path) -> None:
+    steps = [r["step"] for r in read_metrics(fsdp_reference / "runs" / "metrics.jsonl") if r["event"] == "step"]
+    assert steps == list(range(1, STEPS + 1))
+    d = fsdp_reference / "checkpoints"
+    names = {p.name for p in d.glob("*.pt")}
+    assert {"latest.pt", "latest_backup.pt", "rolling_last_backup.pt", "best_model.pt", "best_model_backup.pt",
+            "epoch_00000.pt"} <= names
+    assert all((d / n).is_dir() for n in names) and not list(d.glob(".tmp-*"))
+    files = {p.name for p in (d / "latest.pt").iterdir()}
+    assert {"state.pt", ".metadata", "__0_0.distcp", "__1_0.distcp"} <= files
+    state = torch.load(d / "latest.pt" / "state.pt", weights_only=True)  # the non-sharded rest, plain torch
+    assert state["sharded"] and state["world_size"] == 2 and len(state["rank_states"]) == 2 and "model" not in state
+    listing = subprocess.run([sys.executable, "-m", "train_improved", "--list-checkpoints", "--verify", "--json"],
+                             cwd=fsdp_reference, capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    assert "verified" in listing.stdout and "corrupt" not in listing.stdout
+
+
+def test_resuming_a_sharded_run_without_fsdp_is_refused(fsdp_reference: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(fsdp_reference, tmp_path / "r")
+    proc = subprocess.run(torchrun(*ARGS, "--no-fsdp", "--resume", "latest", "--max-steps", "40"), cwd=tmp_path / "r",
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "incompatible change (--fsdp True -> False)" in proc.stderr
+    assert "/train_improved/" not in proc.stderr  # no traceback of ours (torchrun prints its own ChildFailedError)
 
 
 def test_resume_with_another_world_size_is_refused(reference: Path, tmp_path: Path) -> None:

@@ -58,6 +58,8 @@ def train(
     device: Annotated[Str, _opt("device", "auto, cpu, cuda, cuda:N or mps.")] = None,
     dtype: Annotated[Str, _opt("dtype", "float32, bfloat16 or float16 (autocast).")] = None,
     compile: Annotated[Bool, _opt("compile/--no-compile", "torch.compile the model.")] = None,
+    fsdp: Annotated[Bool, _opt("fsdp/--no-fsdp", "Under torchrun: shard model and optimizer state (FSDP2); "
+                                                "checkpoints become directories (torch.distributed.checkpoint).")] = None,
     checkpoint_dir: Annotated[Str, _opt("checkpoint-dir", "Checkpoint directory (env CHECKPOINT_DIR).")] = None,
     checkpoint_freq: Annotated[Str, _opt("checkpoint-freq", "Steps between rolling checkpoints, or 'auto' "
                                                             "(env CHECKPOINT_FREQ).")] = None,

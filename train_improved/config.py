@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler)
     compile: bool = False
+    fsdp: bool = False  # under torchrun: shard model and optimizer with FSDP2, checkpoint them with DCP
     # checkpointing
     checkpoint_dir: str = "checkpoints"
     checkpoint_freq: int | str = 250  # steps between rolling checkpoints, or "auto" (Young's formula)

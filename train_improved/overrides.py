@@ -16,7 +16,7 @@ class Effect(str, Enum):
 
 
 EFFECTS: dict[str, Effect] = {
-    **dict.fromkeys(["n_layer", "n_head", "n_embd", "block_size", "vocab_size"], Effect.INCOMPATIBLE),
+    **dict.fromkeys(["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "fsdp"], Effect.INCOMPATIBLE),
     **dict.fromkeys(["data", "dropout", "batch_size", "mini_batch_size", "lr", "min_lr", "warmup_steps",
                      "weight_decay", "grad_clip", "num_epochs", "max_steps", "seed", "device", "dtype",
                      "compile"], Effect.TRAJECTORY),
@@ -25,7 +25,7 @@ EFFECTS: dict[str, Effect] = {
                      "log_dir", "metrics_file", "use_tensorboard", "sample_length"], Effect.HARMLESS),
 }
 WHY = {
-    Effect.INCOMPATIBLE: "model shape or vocabulary: the saved weights do not fit",
+    Effect.INCOMPATIBLE: "model shape, vocabulary or sharding: the saved state does not fit",
     Effect.TRAJECTORY: "optimization, schedule, data or numerics: losses will differ from the original run",
     Effect.HARMLESS: "logging, evaluation or checkpoint cadence: training itself is unchanged",
 }

@@ -6,6 +6,7 @@ hostile file can never run code here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 from pathlib import Path
@@ -20,7 +21,8 @@ from .config import ConfigError, TrainConfig
 from .overrides import WHY, Change, Effect, classify, incompatible
 
 _STYLE = {Effect.HARMLESS: "green", Effect.TRAJECTORY: "yellow", Effect.INCOMPATIBLE: "bold red"}
-_NEGATABLE = {"async_save", "compile", "use_tensorboard"}  # flags spelled --x / --no-x
+# Flags spelled --x / --no-x: every boolean option.
+_NEGATABLE = {f.name for f in dataclasses.fields(config.TrainConfig) if f.type in (bool, "bool")}
 
 
 def locate(checkpoint: str) -> Path:

@@ -22,7 +22,7 @@ from . import config, distributed
 from .checkpoint import CheckpointError, CheckpointManager, CheckpointOptions, NoCheckpointError, read_footer
 from .checkpoint.manager import is_explicit_path
 from .checkpoint.records import describe
-from .checkpoint.storage import load_checkpoint
+from .checkpoint.fileformat import load_checkpoint
 from .config import ConfigError, DataError, TrainConfig
 from .progress import err_console
 
@@ -76,7 +76,7 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
         # Data and model are built, and so checked, before a fresh run writes anything.
         trainer = Trainer(cfg, progress=RichProgress() if d.is_main else NoProgress())
         if state is not None:
-            trainer.load_state_dict(state)
+            trainer.load_state_dict(state, info.path)
         if d.is_main:
             if manager is None:
                 manager = CheckpointManager(cfg.checkpoint_dir, checkpoint_options(cfg))
@@ -125,7 +125,7 @@ def _choose_checkpoint(d: distributed.Dist, pre: TrainConfig, resume: str | None
     if failed:
         raise ConfigError("rank 0 could not start the run (see its message)")
     if not d.is_main and path is not None:
-        state, _ = load_checkpoint(Path(path))
+        state, _ = load_checkpoint(Path(path), shards=False)  # rank 0 has just verified every shard file
         info = describe(Path(path))
     return manager, state, info
 

@@ -17,13 +17,13 @@ import math
 import signal
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed
-from .checkpoint import CheckpointError, CheckpointManager, Kind, SaveResult
+from . import distributed, parallel
+from .checkpoint import CheckpointError, CheckpointManager, Kind, SaveResult, sharded, storage
 from .config import ConfigError, DataError, TrainConfig
 from .data import TokenLoader, load_dataset
 from .metrics import MetricsLogger
@@ -115,11 +115,12 @@ class Trainer:
         self.model_config = GPTConfig(vocab_size=self.dataset.vocab_size, block_size=cfg.block_size,
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
         self.raw_model = GPT(self.model_config).to(self.device)
+        if cfg.fsdp and not self.dist.enabled:
+            raise ConfigError("--fsdp shards the model across processes: run it under torchrun with "
+                              "--nproc_per_node 2 or more")
+        self.model = parallel.wrap(self.raw_model, self.dist, fsdp=cfg.fsdp)
         if self.dist.enabled:
             torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, but each rank its own dropout
-            self.model: torch.nn.Module = DistributedDataParallel(self.raw_model)
-        else:
-            self.model = self.raw_model
         # Checkpoints always hold the raw module's state_dict: no "_orig_mod." or "module." prefix.
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -155,12 +156,17 @@ class Trainer:
         return max(0, step - 1) // self.steps_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything that determines the rest of the run, as plain data (weights_only-loadable)."""
+        """Everything that determines the rest of the run, as plain data (weights_only-loadable).
+
+        Under --fsdp, `model` and `optimizer["state"]` hold this rank's shards (DTensors) and
+        `_checkpoint` writes them with DCP; everything else is the same as without it.
+        """
+        model_state, optimizer_state = parallel.state_dicts(self.raw_model, self.optimizer, fsdp=self.cfg.fsdp)
         state = {
             "step": self.step,
             "epoch": self.epoch_of(self.step),
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "train_loss": self.train_loss,
             "val_loss": self.val_loss,
@@ -178,21 +184,30 @@ class Trainer:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        try:
-            self.raw_model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise CheckpointError("the checkpoint's model does not fit this model shape: "
-                            f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler.is_enabled() and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
+    def load_state_dict(self, state: dict[str, Any], path: Path | None = None) -> None:
+        """Restore a checkpoint's state; `path` is where it came from (a sharded one keeps its tensors there)."""
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.dist.world_size:
             raise CheckpointError(f"the checkpoint was written by {saved_world} rank(s) and this run has "
                                   f"{self.dist.world_size}; resume with the same number of processes (re-splitting "
                                   "the data and RNG streams across another world size is not supported)")
+        if bool(state.get("sharded")) != self.cfg.fsdp:
+            written = "with --fsdp (a sharded directory)" if state.get("sharded") else "without --fsdp"
+            raise CheckpointError(f"the checkpoint was written {written}; resume it the same way")
+        if self.cfg.fsdp:
+            assert path is not None
+            parallel.load_sharded(self.raw_model, self.optimizer, path, state["optimizer"]["param_groups"])
+        else:
+            try:
+                self.raw_model.load_state_dict(state["model"])
+            except RuntimeError as e:
+                lines = str(e).splitlines()
+                raise CheckpointError("the checkpoint's model does not fit this model shape: "
+                                      f"{lines[1].strip() if len(lines) > 1 else e}") from None
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         if self.dist.enabled:
             state = {**state, **state["rank_states"][self.dist.rank]}
         data = state["dataloader_state"]
@@ -216,9 +231,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
             x, y = (t.to(self.device, non_blocking=True) for t in self.train_loader.next_batch())
-            # DDP: all-reduce gradients on the last micro-step only.
-            sync = self.model.no_sync() if self.dist.enabled and micro < accum - 1 else nullcontext()
-            with sync:
+            with parallel.gradient_sync(self.model, self.raw_model, self.dist, fsdp=self.cfg.fsdp,
+                                        last=micro == accum - 1):
                 with self.autocast:
                     _, loss = self.model(x, y)
                 loss = loss / accum  # the gradient of the mean over the whole batch
@@ -358,20 +372,30 @@ class Trainer:
                 return  # the final state is already committed
         if not kinds:
             return
-        state = self.state_dict()
-        if self.manager is not None:
-            self._submit(state, kinds)
-            if self.cfg.checkpoint_freq == "auto":
-                self._retune_checkpoint_freq()
+        self._checkpoint(kinds)
+        if self.manager is not None and self.cfg.checkpoint_freq == "auto":
+            self._retune_checkpoint_freq()
         if self.dist.enabled:
             self._save_every = distributed.gather(self.dist, self._save_every)[0]  # rank 0 measured the cost
             distributed.barrier(self.dist)
 
-    def _submit(self, state: dict[str, Any], kinds: list[Kind], verify: bool = True) -> None:
-        """Hand a state to the store (rank 0), with the metrics and options every checkpoint records."""
-        assert self.manager is not None
-        self.manager.save(state, step=self.step, epoch=self.epoch_of(self.step), kinds=kinds,
-                          metrics=self._metrics(), meta={"args": self.cfg.to_dict()}, verify=verify)
+    def _checkpoint(self, kinds: list[Kind], verify: bool = True) -> None:
+        """Save the current state as `kinds`. Every rank calls this: gathering the state is collective.
+
+        Rank 0 hands the state to the store. Under --fsdp every rank first writes its shards with
+        DCP into a staging directory that rank 0 names; the store links them into each checkpoint.
+        """
+        state = self.state_dict()
+        shards = None
+        if self.cfg.fsdp:
+            tensors = {"model": state.pop("model"), "optimizer_state": state["optimizer"].pop("state")}
+            state["sharded"] = True
+            staging = storage.temp_path_for(Path(self.cfg.checkpoint_dir) / "shards") if self.dist.is_main else None
+            shards = sharded.write_shards(distributed.gather(self.dist, staging)[0], tensors)
+        if self.manager is not None:
+            self.manager.save(state, step=self.step, epoch=self.epoch_of(self.step), kinds=kinds,
+                              metrics=self._metrics(), meta={"args": self.cfg.to_dict()}, verify=verify,
+                              shards=shards)
 
     def _log_results(self, results: list[SaveResult]) -> None:
         assert self.manager is not None
@@ -398,17 +422,18 @@ class Trainer:
         logger.warning("received %s: saving an emergency checkpoint at step %d", signal.Signals(signum).name, self.step)
         started = time.perf_counter()
         self._wait_for_saves()  # commits stay in order
-        state = self.state_dict()
+        verify = True
+        if self.manager is not None:
+            expected = self.manager.expected_save_seconds(self.raw_model.state_dict())
+            budget = self.cfg.emergency_budget
+            verify = expected is None or expected <= budget
+            if not verify:
+                logger.warning("an emergency save is expected to take %.1fs, over --emergency-budget %.0fs: skipping "
+                               "its read-back verification (its checksum is still checked on load)", expected, budget)
+        self._checkpoint([Kind.EMERGENCY], verify=verify)
         if self.manager is None:
-            distributed.barrier(self.dist)  # rank 0 writes the one emergency checkpoint
+            distributed.barrier(self.dist)  # rank 0 commits the one emergency checkpoint
             return 128 + signum
-        expected = self.manager.expected_save_seconds(state)
-        budget = self.cfg.emergency_budget
-        verify = expected is None or expected <= budget
-        if not verify:
-            logger.warning("an emergency save is expected to take %.1fs, over --emergency-budget %.0fs: skipping "
-                           "its read-back verification (its checksum is still checked on load)", expected, budget)
-        self._submit(state, [Kind.EMERGENCY], verify=verify)
         results = self.manager.wait_until_finished()
         self._log_results(results)
         if results and not any(r.error for r in results):
@@ -431,7 +456,7 @@ class Trainer:
         logger.error("training failed at step %d: writing an emergency checkpoint before the traceback", self.step)
         try:
             self.manager.wait_until_finished()
-            self._submit(self.state_dict(), [Kind.EMERGENCY])
+            self._checkpoint([Kind.EMERGENCY])
             self._log_results(self.manager.wait_until_finished())
         except Exception as e:  # noqa: BLE001 - the original error matters more; report this one and go on
             logger.error("the emergency checkpoint also failed: %s", e)
@@ -440,8 +465,8 @@ class Trainer:
 
     def sample(self, length: int) -> str | None:
         """A short text sample from the best model (byte-level data only)."""
-        if length <= 0 or self.dataset.vocab_size != 256 or self.manager is None:
-            return None
+        if length <= 0 or self.dataset.vocab_size != 256 or self.manager is None or self.cfg.fsdp:
+            return None  # under --fsdp rank 0 holds only a shard of the model
         best = self.manager.best()
         if best is not None and best.ok:
             state, _ = self.manager.restore("best", map_location=self.device)
