@@ -154,3 +154,21 @@ def test_stale_temp_files_are_cleaned(tmp_path: Path) -> None:
     stale.write_bytes(b"half a checkpoint")
     assert storage.clean_temp_files(tmp_path) == [stale]
     assert not stale.exists()
+
+
+def test_a_file_larger_than_the_writeback_chunk_is_written_whole(tmp_path: Path, monkeypatch) -> None:
+    # Files over 32 MiB are handed to the disk in chunks while torch.save still runs (sync_file_range).
+    calls = []
+    real = storage.start_writeback
+
+    def spy(fd: int, off: int, n: int) -> None:
+        calls.append((off, n))
+        real(fd, off, n)
+
+    monkeypatch.setattr(storage, "start_writeback", spy)
+    big = {"w": torch.arange(12 << 20, dtype=torch.float32)}  # 48 MiB
+    path = tmp_path / "big.pt"
+    write_checkpoint(path, big, {"step": 1}, copies=[tmp_path / "big_backup.pt"])
+    assert len(calls) >= 2 and all(off + n <= path.stat().st_size for off, n in calls)  # both files, in range
+    for p in (path, tmp_path / "big_backup.pt"):
+        assert torch.equal(load_checkpoint(p)[0]["w"], big["w"])

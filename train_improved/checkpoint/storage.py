@@ -84,6 +84,40 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
+_WRITEBACK_CHUNK = 32 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None  # not Linux: the final fsync does all the work
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range to disk now, without waiting (Linux sync_file_range).
+
+    While torch.save produces the rest of the file, the disk is already busy with what came
+    before, so the final fsync finds little left to do (RocksDB's bytes_per_sync does the same).
+    This is only a hint: durability still comes from the fsync.
+    """
+    global _sync_file_range
+    if _sync_file_range is None:
+        return
+    if _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.ENOTSUP, errno.EOPNOTSUPP):
+            _sync_file_range = None  # this platform or filesystem does not take the hint
+            return
+        raise OSError(err, os.strerror(err))
+
+
 class _HashingWriter:
     """File-like sink for torch.save that hashes every byte on its way to one or more files."""
 
@@ -91,12 +125,18 @@ class _HashingWriter:
         self.raws = raws
         self.hasher = xxhash.xxh3_128()
         self.bytes_written = 0
+        self._flushed_to = 0  # bytes already handed to the disk with start_writeback
 
     def write(self, data: bytes | memoryview) -> int:
         self.hasher.update(data)
         for raw in self.raws:
             n = raw.write(data)
         self.bytes_written += n
+        if self.bytes_written - self._flushed_to >= _WRITEBACK_CHUNK:
+            for raw in self.raws:
+                raw.flush()
+                start_writeback(raw.fileno(), self._flushed_to, self.bytes_written - self._flushed_to)
+            self._flushed_to = self.bytes_written
         return n
 
     def flush(self) -> None:
