@@ -31,9 +31,14 @@ from train_improved.checkpoint.storage import start_writeback
 
 
 def make_state(mb: int) -> dict:
-    """A model-plus-AdamW-shaped state: 1/3 weights, 2/3 optimizer moments, 4 MiB tensors."""
+    """A model-plus-AdamW-shaped state: 1/3 weights, 2/3 optimizer moments, 4 MiB tensors.
+
+    Random values: constant or repeated blocks can be compressed or deduplicated by virtual
+    storage, which would flatter whichever side writes them.
+    """
     n = max(3, mb // 4)
-    t = lambda i: torch.full((1024, 1024), float(i))  # noqa: E731 - 4 MiB of float32
+    g = torch.Generator().manual_seed(0)
+    t = lambda i: torch.randn((1024, 1024), generator=g)  # noqa: E731 - 4 MiB of float32
     params = {f"layer{i}.weight": t(i) for i in range(n // 3)}
     state = {i: {"exp_avg": t(i), "exp_avg_sq": t(-i), "step": torch.tensor(10.0)} for i in range(n // 3)}
     return {"model": params, "optimizer": {"state": state, "param_groups": [{"lr": 1e-3, "params": list(range(n // 3))}]},
@@ -64,28 +69,39 @@ def plain_save(state: dict, path: Path) -> float:
     return elapsed
 
 
-def raw_bandwidth(directory: Path, nbytes: int, *, early_writeback: bool) -> float:
-    """Write+fsync bandwidth for non-zero data: a 16 MiB random buffer written repeatedly.
+def tensors_of(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in tensors_of(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in tensors_of(v)]
+    return []
 
-    Without `early_writeback` this is what `dd conv=fsync` measures: write everything into the page
-    cache, then one fsync (SPEC §7's baseline). With it, the kernel is asked to start writing every
-    32 MiB as the file grows (what the store does), which on this VM is the disk's real ceiling.
-    Zero pages (dd if=/dev/zero) can be cheaper than real data on virtual or compressing storage,
-    which would flatter the baseline, so the data is random.
+
+def raw_bandwidth(directory: Path, state: dict, copies: int, *, early_writeback: bool) -> float:
+    """Write+fsync bandwidth for the state's own tensor bytes, `copies` times over, in one file.
+
+    The same bytes the store writes, with no serialization, hashing or verification: what the disk
+    gives. Without `early_writeback` this is what `dd conv=fsync` measures: write everything into
+    the page cache, then one fsync (SPEC §7's example baseline). With it, the kernel is asked to
+    start writing every 32 MiB as the file grows (what the store does), which on this VM is
+    faster and steadier: the disk's ceiling.
     """
-    buf = os.urandom(16 << 20)
-    count = max(1, nbytes // len(buf))
+    views = [memoryview(t.numpy()).cast("B") for t in tensors_of(state)] * copies
     path = directory / "raw.bin"
+    written = flushed = 0
     t = time.perf_counter()
     with open(path, "wb", buffering=0) as f:
-        for i in range(1, count + 1):
-            f.write(buf)
-            if early_writeback and i % 2 == 0:
-                start_writeback(f.fileno(), (i - 2) * len(buf), 2 * len(buf))
+        for view in views:
+            written += f.write(view)
+            if early_writeback and written - flushed >= 32 << 20:
+                start_writeback(f.fileno(), flushed, written - flushed)
+                flushed = written
         os.fsync(f.fileno())
     elapsed = time.perf_counter() - t
     drop_file(path)
-    return count * len(buf) / elapsed
+    return written / elapsed
 
 
 def one_save(m: CheckpointManager, state: dict, step: int, kind: Kind) -> SaveResult:
@@ -107,7 +123,7 @@ def main() -> None:
     print("Each round measures every method once, in turn, so slow and fast moments of a noisy disk hit all of")
     print("them alike; the table shows medians over rounds (ratios: median of the per-round ratios).")
     header = (f"{'state':>8} {'plain s':>8} {'sync s':>8} {'async stall s':>13} {'stall/plain':>11} "
-              f"{'write s':>8} {'MB/s':>7} {'dd-like MB/s':>12} {'thru/dd-like':>12} {'ceiling MB/s':>12} "
+              f"{'write s':>8} {'cleanup s':>9} {'MB/s':>7} {'dd-like MB/s':>12} {'thru/dd-like':>12} {'ceiling MB/s':>12} "
               f"{'thru/ceiling':>12} {'bytes/state':>11} {'emergency s':>11}")
     print(header)
     med = statistics.median
@@ -125,20 +141,20 @@ def main() -> None:
                 one_save(m, state, 0, kind)  # warm-up: staging buffers and file pages are allocated once
             for r in range(1, args.rounds + 1):
                 plain = plain_save(state, base / "plain.pt")
-                written_bytes = 2 * size  # a rolling save writes the file and its independent backup
-                dd_like = raw_bandwidth(base, written_bytes, early_writeback=False)
-                ceiling = raw_bandwidth(base, written_bytes, early_writeback=True)
+                # A rolling save writes the file and its independent backup: the same bytes twice.
+                dd_like = raw_bandwidth(base, state, 2, early_writeback=False)
+                ceiling = raw_bandwidth(base, state, 2, early_writeback=True)
                 sync = one_save(sync_m, state, r, Kind.ROLLING)
                 asyn = one_save(async_m, state, r, Kind.ROLLING)
                 emergency = one_save(em_m, state, r, Kind.EMERGENCY)
                 thru = asyn.bytes / asyn.write_s
-                rows.append({"plain": plain, "sync": sync.stall_s, "stall": asyn.stall_s, "write": asyn.write_s,
+                rows.append({"plain": plain, "sync": sync.stall_s, "stall": asyn.stall_s, "write": asyn.write_s, "cleanup": asyn.cleanup_s,
                              "thru": thru, "dd": dd_like, "ceiling": ceiling, "bytes": asyn.bytes,
                              "emergency": emergency.stall_s, "stall/plain": asyn.stall_s / plain,
                              "thru/dd": thru / dd_like, "thru/ceiling": thru / ceiling})
         m_ = {k: med(row[k] for row in rows) for k in rows[0]}
         print(f"{size / 2**20:>6.0f}Mi {m_['plain']:>8.2f} {m_['sync']:>8.2f} {m_['stall']:>13.3f} "
-              f"{m_['stall/plain']:>11.3f} {m_['write']:>8.2f} {m_['thru'] / 1e6:>7.0f} {m_['dd'] / 1e6:>12.0f} "
+              f"{m_['stall/plain']:>11.3f} {m_['write']:>8.2f} {m_['cleanup']:>9.2f} {m_['thru'] / 1e6:>7.0f} {m_['dd'] / 1e6:>12.0f} "
               f"{m_['thru/dd']:>12.2f} {m_['ceiling'] / 1e6:>12.0f} {m_['thru/ceiling']:>12.2f} "
               f"{m_['bytes'] / size:>11.4f} {m_['emergency']:>11.2f}")
         for d in ("sync", "async", "em"):

@@ -404,7 +404,7 @@ class Trainer:
                 continue  # the store has already warned, naming the file and the cause
             self.metrics.log("checkpoint", step=r.step, kind=r.kind.value,
                              path=str(self.manager.directory / r.name), bytes=r.bytes,
-                             stall_s=r.stall_s, write_s=r.write_s)
+                             stall_s=r.stall_s, write_s=r.write_s, cleanup_s=r.cleanup_s)
             self._last_save = r
 
     def _retune_checkpoint_freq(self) -> None:

@@ -15,9 +15,11 @@ Commit order of one save (each line is durable before the next starts):
   1. the new file and its independent backup (rolling and best) are written in one serialization
      pass under temporary names, fsynced, read back and verified; then the file is renamed (and
      the directory fsynced), then the backup;
-  3. latest_backup.pt becomes the old latest (a hard link), then latest.pt the new file;
-  4. retention deletes what its family's policy drops, never a protected or foreign file;
-  5. one line is appended to history.jsonl.
+  2. latest_backup.pt becomes the old latest (a hard link), then latest.pt the new file: the
+     save is committed (its `write_s` ends);
+  3. retention deletes what its family's policy drops, never a protected or foreign file, and the
+     files the renames replaced (kept under temporary names until now) are deleted (`cleanup_s`);
+  4. one line is appended to history.jsonl.
 """
 
 from __future__ import annotations
@@ -305,26 +307,38 @@ class CheckpointManager:
                            format_version=fileformat.FORMAT_VERSION, torch_version=str(torch.__version__))
             footer = dict(meta or {}, name=name, kind=kind.value, step=step, epoch=epoch,
                           metrics=dict(metrics or {}), saved_at=saved_at, torch_version=str(torch.__version__))
+            displaced: list[Path] = []  # files the renames replaced, deleted once this one is committed
             try:
-                result.bytes = self._write_family(kind, self.directory / name, payload, footer, verify, shards)
-                self._point_latest_to(self.directory / name, step)
-                deleted = self._prune(kind)
+                result.bytes = self._write_family(kind, self.directory / name, payload, footer, verify, shards,
+                                                  displaced)
+                self._point_latest_to(self.directory / name, step, displaced)
             except CheckpointError as e:
+                self._delete(displaced)
                 result.error = str(e)
                 logger.warning("checkpoint %s was not saved: %s; earlier checkpoints are intact", name, e)
                 self._history({"event": "failed", "name": name, "kind": kind.value, "step": step, "error": str(e)})
                 results.append(result)
                 continue
-            result.write_s = time.perf_counter() - started
+            result.write_s = time.perf_counter() - started  # committed: durable, verified, latest points here
+            deleted = self._prune(kind)
+            self._delete(displaced)
+            result.cleanup_s = time.perf_counter() - started - result.write_s
             self._last_file_bytes = fileformat.checkpoint_size(self.directory / name)
             self.write_bandwidth = result.bytes / max(result.write_s, 1e-9)
             self._history({"event": "save", "name": name, "kind": kind.value, "step": step, "epoch": epoch,
                            "bytes": result.bytes, "stall_s": stall, "write_s": result.write_s,
-                           "metrics": dict(metrics or {}), "saved_at": saved_at})
+                           "cleanup_s": result.cleanup_s, "metrics": dict(metrics or {}), "saved_at": saved_at})
             for gone in deleted:
                 self._history({"event": "delete", "name": gone, "kind": kind.value, "step": step})
             results.append(result)
         return results
+
+    def _delete(self, displaced: list[Path]) -> None:
+        for path in displaced:
+            try:
+                storage.remove(path)
+            except OSError as e:  # a leftover temporary name: the next writing open removes it
+                logger.warning("could not remove %s: %s", path.name, e)
 
     def _final_name(self, kind: Kind, step: int, epoch: int | None, now: datetime) -> str:
         if kind is Kind.ROLLING:
@@ -338,27 +352,27 @@ class CheckpointManager:
         return layout.BEST
 
     def _write_family(self, kind: Kind, path: Path, payload: dict[str, Any], footer: dict[str, Any],
-                      verify: bool = True, shards: Shards | None = None) -> int:
+                      verify: bool, shards: Shards | None, displaced: list[Path]) -> int:
         """Write one checkpoint plus its family's backup; return the bytes it holds (shards included)."""
         d = self.directory
 
         def keep_old_best() -> None:  # only once the new best is durable and verified
             if path.exists():
-                storage.link_checkpoint(path, d / layout.BEST_PREVIOUS)
+                storage.link_checkpoint(path, d / layout.BEST_PREVIOUS, displaced)
 
         backups = {Kind.ROLLING: [d / layout.ROLLING_BACKUP], Kind.BEST: [d / layout.BEST_BACKUP]}.get(kind, [])
         storage.write_checkpoint(path, payload, footer, before_commit=keep_old_best if kind is Kind.BEST else None,
-                                 verify=verify, copies=backups, shards=shards)
+                                 verify=verify, copies=backups, shards=shards, displaced=displaced)
         return (1 + len(backups)) * fileformat.checkpoint_size(path)
 
-    def _point_latest_to(self, path: Path, step: int) -> None:
+    def _point_latest_to(self, path: Path, step: int, displaced: list[Path]) -> None:
         latest = self.directory / layout.LATEST
         current = self._named(layout.LATEST)
         # latest_backup.pt keeps the previous *step*: a second save at the same step (best and rolling
         # together) re-points latest only. A damaged latest is replaced, never rotated over the backup.
         if current is not None and current.ok and current.step != step:
-            storage.link_checkpoint(latest, self.directory / layout.LATEST_BACKUP)
-        storage.link_checkpoint(path, latest)
+            storage.link_checkpoint(latest, self.directory / layout.LATEST_BACKUP, displaced)
+        storage.link_checkpoint(path, latest, displaced)
 
     def _prune(self, kind: Kind) -> list[str]:
         keep = {Kind.ROLLING: self.options.keep_rolling, Kind.EMERGENCY: self.options.keep_emergency}.get(kind)

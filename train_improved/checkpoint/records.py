@@ -91,7 +91,8 @@ class SaveResult:
     step: int
     bytes: int = 0
     stall_s: float = 0.0  # time the caller was blocked
-    write_s: float = 0.0  # time the writer spent (serialize, checksum, fsync, verify, commit)
+    write_s: float = 0.0  # time the writer spent until committed (serialize, checksum, fsync, verify, rename, latest)
+    cleanup_s: float = 0.0  # after the commit: retention, and freeing the files the renames replaced
     error: str | None = None
     skipped: bool = False
 
