@@ -147,3 +147,76 @@ def test_resume_with_another_world_size_is_refused(reference: Path, tmp_path: Pa
     out = subprocess.run([sys.executable, "-m", "train_improved", *ARGS, "--resume", "latest", "--max-steps", "40"],
                          cwd=tmp_path / "r", capture_output=True, text=True)
     assert out.returncode == 1 and "written by 2 rank(s)" in out.stderr and "Traceback" not in out.stderr
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def kill_job(launcher: subprocess.Popen[bytes]) -> None:
+    """SIGKILL torchrun and every worker at once, as a preemption does, and wait until all are dead.
+
+    torchrun starts each worker in its own session, so killing torchrun (or its process group)
+    alone leaves the workers running, still holding the checkpoint directory's lock.
+    """
+    family, frontier = [launcher.pid], [launcher.pid]
+    while frontier:
+        parents, frontier = set(frontier), []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and (st := _proc_stat(int(entry.name))) and st[1] in parents:
+                frontier.append(int(entry.name))
+        family += frontier
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while any((st := _proc_stat(pid)) and st[0] != "Z" for pid in family):  # a worker in a syscall dies on return
+        assert time.monotonic() < deadline, "a worker survived SIGKILL for 30 s"
+        time.sleep(0.01)
+
+
+# ~37 MB of sharded state, saved every 3 steps: kills land in shard writes, commits and rotation.
+HEAVY_FSDP = ["--data", "corpus.txt", "--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "32",
+              "--batch-size", "4", "--mini-batch-size", "2", "--dropout", "0.1", "--eval-interval", "7",
+              "--eval-steps", "2", "--checkpoint-freq", "3", "--keep-checkpoints", "2", "--sample-length", "0",
+              "--seed", "3", "--num-epochs", "100", "--max-steps", "100", "--fsdp"]
+FSDP_KILLS = 6
+
+
+@pytest.mark.faults
+def test_kill_dash_9_of_a_sharded_run_then_resume_is_exact(tmp_path: Path) -> None:
+    ref, vic = tmp_path / "reference", tmp_path / "victim"
+    for d in (ref, vic):
+        d.mkdir()
+        (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES * 4))
+    run(ref, *HEAVY_FSDP)
+    rng = random.Random(int(os.environ.get("TORTURE_SEED", time.time_ns())))
+    kills = 0
+    while kills < FSDP_KILLS:
+        log = tmp_path / f"life_{kills}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(torchrun(*HEAVY_FSDP, "--resume", "auto"), cwd=vic, env=env(),
+                                    stdout=out, stderr=subprocess.STDOUT)
+        time.sleep(rng.uniform(4.0, 7.0))  # start-up takes ~3 s
+        if proc.poll() is not None:
+            assert proc.returncode == 0, log.read_text()[-3000:]
+            break
+        kill_job(proc)
+        kills += 1
+        for p in (vic / "checkpoints").glob("*.pt"):  # every checkpoint at a final name is whole
+            verify_file(p)
+    assert kills == FSDP_KILLS, f"only {kills} kills landed before the run finished"
+    run(vic, *HEAVY_FSDP, "--resume", "auto")
+    ck = vic / "checkpoints"
+    assert not list(ck.glob(".tmp-*"))
+    assert step_losses(vic / "runs" / "metrics.jsonl") == step_losses(ref / "runs" / "metrics.jsonl")
+    ours, theirs = final_weights(vic), final_weights(ref)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

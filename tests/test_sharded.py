@@ -20,9 +20,10 @@ from train_improved.checkpoint import (
     Kind,
     UnsafeCheckpointError,
     describe,
+    fileformat,
+    storage,
     verify_file,
 )
-from train_improved.checkpoint import storage
 from train_improved.checkpoint.sharded import load_model_state, read_shards, write_shards
 
 
@@ -37,6 +38,14 @@ def save(m: CheckpointManager, step: int, kinds: list[Kind], metrics: dict | Non
     shards = write_shards(staging, tensors(step))
     m.save({"step": step, "sharded": True, "rest": torch.tensor([step])}, step=step, kinds=kinds,
            metrics=metrics, shards=shards)
+
+
+def saved_steps(d: Path, *steps: int) -> Path:
+    with CheckpointManager(d) as m:
+        for step in steps:
+            save(m, step, [Kind.ROLLING])
+        m.wait_until_finished()
+    return d
 
 
 def test_sharded_save_makes_directories_under_the_usual_names(tmp_path: Path) -> None:
@@ -83,11 +92,7 @@ def test_sharded_restore_loads_every_tensor_back(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["flip_shard", "truncate_shard", "delete_metadata", "delete_state"])
 def test_damaged_sharded_latest_falls_back_to_the_previous(tmp_path: Path, damage: str) -> None:
-    d = tmp_path / "ck"
-    with CheckpointManager(d) as m:
-        save(m, 1, [Kind.ROLLING])
-        save(m, 2, [Kind.ROLLING])
-        m.wait_until_finished()
+    d = saved_steps(tmp_path / "ck", 1, 2)
     # Damage every name of step 2 (latest.pt and rolling_step_000002.pt share their files).
     target = d / "rolling_step_000002.pt"
     shard = next(target.glob("*.distcp"))
@@ -119,10 +124,7 @@ class Payload:
 
 
 def test_hostile_dcp_metadata_is_refused_and_never_runs(tmp_path: Path) -> None:
-    d = tmp_path / "ck"
-    with CheckpointManager(d) as m:
-        save(m, 1, [Kind.ROLLING])
-        m.wait_until_finished()
+    d = saved_steps(tmp_path / "ck", 1)
     Payload.marker = tmp_path / "pwned"
     (d / "latest.pt" / ".metadata").unlink()
     (d / "latest.pt" / ".metadata").write_bytes(pickle.dumps(Payload()))
@@ -144,3 +146,25 @@ def test_a_directory_without_state_is_reported_not_loaded(tmp_path: Path) -> Non
     (tmp_path / "rolling_step_000001.pt").mkdir()
     info = describe(tmp_path / "rolling_step_000001.pt")
     assert not info.ok and "state.pt" in (info.error or "")
+
+
+def test_verifying_a_directory_while_the_writer_replaces_it_reads_one_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    # `train --list-checkpoints --verify` beside a running --fsdp job: latest_backup.pt is swapped
+    # for a newer checkpoint (and the old one deleted) between reading state.pt and the shards.
+    # That is not damage: the reader notices the name now holds another directory and reads that.
+    d = saved_steps(tmp_path / "ck", 1, 2)
+    staging = d / ".tmp-next"
+    storage.link_checkpoint(d / "rolling_step_000002.pt", staging)
+    real = fileformat._hash_open
+    swapped = []
+
+    def hash_then_swap(*args, **kwargs):
+        digest = real(*args, **kwargs)
+        if not swapped:  # after state.pt, before the shards: the writer commits step 2 over latest_backup
+            storage._replace(staging, d / "latest_backup.pt")
+            swapped.append(True)
+        return digest
+
+    monkeypatch.setattr(fileformat, "_hash_open", hash_then_swap)
+    assert verify_file(d / "latest_backup.pt")["step"] == 2
+    assert swapped

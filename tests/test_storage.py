@@ -52,9 +52,9 @@ def test_failure_at_each_write_phase_leaves_old_file_identical_and_no_temp(tmp_p
         raise OSError(28, "No space left on device")
 
     target = {"serialize": (torch, "save"), "fsync": (os, "fsync"), "rename": (os, "replace"),
-              "fsync_dir": (storage, "fsync_dir"), "verify": (fileformat, "hash_file")}[phase]
+              "fsync_dir": (storage, "fsync_dir"), "verify": (fileformat, "_hash_open")}[phase]
     if phase == "verify":
-        monkeypatch.setattr(fileformat, "hash_file", lambda *a, **k: "0" * 32)
+        monkeypatch.setattr(fileformat, "_hash_open", lambda *a, **k: "0" * 32)
     else:
         monkeypatch.setattr(*target, boom)
     with pytest.raises(CheckpointWriteError) as err:

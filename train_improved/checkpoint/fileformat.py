@@ -19,6 +19,8 @@ import errno
 import json
 import os
 import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,20 +66,61 @@ def state_file(path: Path) -> Path:
     return path / STATE_FILE if path.is_dir() else path
 
 
-def is_sharded(path: Path) -> bool:
-    return path.is_dir()
+@contextmanager
+def _members(path: Path) -> Iterator[Callable[[str], BinaryIO]]:
+    """Opens the files of one checkpoint by name (a plain file is its own only member).
+
+    A directory is opened once and its files relative to it, so every file read comes from the
+    same checkpoint even if the name is swapped for a newer one meanwhile (a lister running
+    beside training).
+    """
+    if not path.is_dir():
+        yield lambda name: open(path, "rb")
+        return
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield lambda name: open(name, "rb", opener=lambda n, flags: os.open(n, flags, dir_fd=dir_fd))
+    except CorruptCheckpointError:
+        try:
+            moved = os.stat(path).st_ino != os.fstat(dir_fd).st_ino
+        except FileNotFoundError:
+            moved = True
+        if moved:  # a writer replaced this checkpoint while it was read: not damage
+            raise _ReplacedWhileReading from None
+        raise
+    finally:
+        os.close(dir_fd)
+
+
+class _ReplacedWhileReading(Exception):
+    pass
+
+
+def _retrying(read: Callable[[], Any]) -> Any:
+    """Run `read` again (a few times) when the directory it read was replaced under it."""
+    for _ in range(4):
+        try:
+            return read()
+        except _ReplacedWhileReading:
+            continue
+    return read()
+
+
+def _open_state(open_member: Callable[[str], BinaryIO], sharded: bool) -> BinaryIO:
+    try:
+        return open_member(STATE_FILE)
+    except FileNotFoundError:
+        if sharded:
+            raise CorruptCheckpointError(f"directory without {STATE_FILE} (not a checkpoint, or an incomplete "
+                                         "sharded one)") from None
+        raise
 
 
 def read_footer(path: Path) -> dict[str, Any]:
     """The footer of a checkpoint, reading only its last bytes. Raises CorruptCheckpointError."""
-    target = state_file(path)
     try:
-        with open(target, "rb") as f:
+        with _members(path) as open_member, _open_state(open_member, path.is_dir()) as f:
             return _read_footer(f, os.fstat(f.fileno()).st_size)
-    except FileNotFoundError:
-        if target != path:
-            raise CorruptCheckpointError(f"directory without {STATE_FILE} (an incomplete sharded checkpoint)") from None
-        raise CheckpointError(f"cannot read {path}: no such file") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {describe_os_error(e)}") from e
 
@@ -116,17 +159,23 @@ def _read_footer(f: BinaryIO, size: int) -> dict[str, Any]:
     return meta
 
 
-def hash_file(path: Path, length: int | None = None, tail: bytes = b"") -> str:
-    """xxh3-128 of the first `length` bytes of `path` (all of it by default), then `tail`."""
-    hasher = xxhash.xxh3_128()
+def hash_file(path: Path) -> str:
+    """xxh3-128 of a whole file."""
     with open(path, "rb") as f:
-        remaining = os.fstat(f.fileno()).st_size if length is None else length
-        while remaining > 0:
-            chunk = f.read(min(_READ_CHUNK, remaining))
-            if not chunk:
-                raise CorruptCheckpointError("file is shorter than its footer says (truncated?)")
-            hasher.update(chunk)
-            remaining -= len(chunk)
+        return _hash_open(f, os.fstat(f.fileno()).st_size)
+
+
+def _hash_open(f: BinaryIO, length: int, tail: bytes = b"") -> str:
+    """xxh3-128 of the first `length` bytes of an open file, then `tail`."""
+    hasher = xxhash.xxh3_128()
+    f.seek(0)
+    remaining = length
+    while remaining > 0:
+        chunk = f.read(min(_READ_CHUNK, remaining))
+        if not chunk:
+            raise CorruptCheckpointError("file is shorter than its footer says (truncated?)")
+        hasher.update(chunk)
+        remaining -= len(chunk)
     hasher.update(tail)
     return hasher.hexdigest()
 
@@ -137,36 +186,50 @@ def verify_file(path: Path, expected_digest: str | None = None, *, shards: bool 
     For a sharded checkpoint, `shards=False` checks `state.pt` only (a rank that loads a directory
     rank 0 has just verified). Raises CorruptCheckpointError.
     """
-    target = state_file(path)
+    def read() -> dict[str, Any]:
+        with _members(path) as open_member:
+            return _verify(open_member, path.is_dir(), expected_digest, shards)
+
     try:
-        meta = read_footer(path)
-        # The digest was taken while torch.save wrote, when the zip comment length was still 0.
-        actual = hash_file(target, meta["payload_bytes"] - 2, tail=b"\x00\x00")
-        if actual != meta["digest"]:
-            raise CorruptCheckpointError(f"checksum mismatch (stored {meta['digest'][:12]}…, actual {actual[:12]}…)")
-        if expected_digest is not None and actual != expected_digest:
-            raise CorruptCheckpointError("read-back digest differs from the digest computed while writing")
-        if target != path and shards:
-            verify_shards(path, meta)
+        return _retrying(read)
     except OSError as e:
         raise CorruptCheckpointError(f"cannot be read back: {describe_os_error(e)}") from e
+    except _ReplacedWhileReading:
+        raise CorruptCheckpointError("was replaced by newer checkpoints five times while being read") from None
+
+
+def _verify(open_member: Callable[[str], BinaryIO], sharded: bool, expected_digest: str | None,
+            shards: bool) -> dict[str, Any]:
+    with _open_state(open_member, sharded) as f:
+        meta = _read_footer(f, os.fstat(f.fileno()).st_size)
+        # The digest was taken while torch.save wrote, when the zip comment length was still 0.
+        actual = _hash_open(f, meta["payload_bytes"] - 2, tail=b"\x00\x00")
+    if actual != meta["digest"]:
+        raise CorruptCheckpointError(f"checksum mismatch (stored {meta['digest'][:12]}…, actual {actual[:12]}…)")
+    if expected_digest is not None and actual != expected_digest:
+        raise CorruptCheckpointError("read-back digest differs from the digest computed while writing")
+    if sharded and shards:
+        _verify_shards(open_member, meta)
     return meta
 
 
-def verify_shards(directory: Path, meta: dict[str, Any]) -> None:
+def _verify_shards(open_member: Callable[[str], BinaryIO], meta: dict[str, Any]) -> None:
     """Check every DCP file the footer lists: present, same size, same digest."""
     listed = meta.get("shards")
     if not isinstance(listed, dict) or not listed:
         raise CorruptCheckpointError(f"{STATE_FILE} lists no shard files (damaged footer)")
     for name, expected in sorted(listed.items()):
-        path = directory / name
-        if not path.is_file():
-            raise CorruptCheckpointError(f"shard file {name} is missing")
-        if path.stat().st_size != expected["bytes"]:
-            raise CorruptCheckpointError(f"shard file {name} is {path.stat().st_size} bytes, "
-                                         f"{expected['bytes']} were written (truncated?)")
-        if hash_file(path) != expected["digest"]:
-            raise CorruptCheckpointError(f"shard file {name}: checksum mismatch")
+        try:
+            f = open_member(name)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"shard file {name} is missing") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size != expected["bytes"]:
+                raise CorruptCheckpointError(f"shard file {name} is {size} bytes, {expected['bytes']} were "
+                                             "written (truncated?)")
+            if _hash_open(f, size) != expected["digest"]:
+                raise CorruptCheckpointError(f"shard file {name}: checksum mismatch")
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu", *, shards: bool = True
@@ -181,9 +244,12 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", *, shards: bool = Tru
 
     import torch
 
-    meta = verify_file(path, shards=shards)
+    sharded = path.is_dir()
     try:
-        state = torch.load(state_file(path), map_location=map_location, weights_only=True)
+        with _members(path) as open_member:
+            meta = _verify(open_member, sharded, None, shards)
+            with _open_state(open_member, sharded) as f:
+                state = torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line),
                       str(e).splitlines()[-1].strip() if str(e) else "")
@@ -192,6 +258,8 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", *, shards: bool = Tru
         ) from None
     except (RuntimeError, EOFError, ValueError) as e:
         raise CorruptCheckpointError(f"torch could not read it: {str(e).splitlines()[0][:200]}") from None
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot be read back: {describe_os_error(e)}") from e
     if not isinstance(state, dict):
         raise CorruptCheckpointError(f"holds a {type(state).__name__}, not a checkpoint dict")
     return state, meta

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
