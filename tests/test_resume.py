@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import CORPUS_BYTES, STEPS_PER_EPOCH, TINY, read_metrics, run_train, step_losses
+from train_improved.checkpoint import verify_file
 
 STEPS = 40
 ARGS = [*TINY, "--max-steps", str(STEPS), "--num-epochs", "10"]
@@ -209,3 +210,18 @@ def test_second_sigint_exits_at_once_and_corrupts_nothing(run_dir: Path) -> None
     out = run_train("--data", "corpus.txt", *ARGS, *big, "--resume", "auto", "--max-steps", "5", cwd=run_dir)
     assert out.returncode == 0, out.stderr
     assert not list(ck.glob(".tmp-*"))
+
+
+def test_an_emergency_save_over_its_budget_skips_only_the_read_back(run_dir: Path, reference: Path) -> None:
+    # A budget no save can meet: once a save has been timed, the emergency save skips its read-back
+    # (SIGKILL follows SIGTERM on preemption). Its digest is still in the footer and checked on load.
+    proc = start(run_dir, "--emergency-budget", "0.001")
+    wait_for_step(run_dir, 9, proc)  # rolling saves at 4 and 8 have measured the write speed
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "skipping its read-back verification" in " ".join(err.split())
+    (emergency,) = (run_dir / "checkpoints").glob("emergency_step_*.pt")
+    verify_file(emergency)
+    run_train("--data", "corpus.txt", *ARGS, "--resume", "latest", cwd=run_dir, check=True)
+    assert_same_run(run_dir, reference)

@@ -424,7 +424,7 @@ class Trainer:
         self._wait_for_saves()  # commits stay in order
         verify = True
         if self.manager is not None:
-            expected = self.manager.expected_save_seconds(self.raw_model.state_dict())
+            expected = self.manager.expected_save_seconds()
             budget = self.cfg.emergency_budget
             verify = expected is None or expected <= budget
             if not verify:

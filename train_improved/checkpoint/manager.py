@@ -229,11 +229,11 @@ class CheckpointManager:
                 r.stall_s = time.perf_counter() - started  # synchronous: the caller waited for all of it
         return True
 
-    def expected_save_seconds(self, state: dict[str, Any]) -> float | None:
-        """How long one more file of this state should take to write, from measured saves; None before any."""
-        if not self.write_bandwidth:
+    def expected_save_seconds(self) -> float | None:
+        """How long one more file like the last should take to commit, from measured saves; None before any."""
+        if not self.write_bandwidth or not self._last_file_bytes:
             return None
-        return self._expected_file_bytes(state) / self.write_bandwidth
+        return self._last_file_bytes / self.write_bandwidth
 
     def _expected_file_bytes(self, state: dict[str, Any]) -> int:
         """The size of one file of this state: the last one written, else its tensors plus framing."""
