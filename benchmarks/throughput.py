@@ -44,7 +44,7 @@ def bare_step_times(cfg_overrides: dict, steps: int) -> list[float]:
     cfg = resolve(cli=cfg_overrides, environ={}, config_file=None)
     trainer = Trainer(cfg)  # only to get the identical model, optimizer, schedule and data
     model, opt, sched, loader = trainer.raw_model, trainer.optimizer, trainer.scheduler, trainer.train_loader
-    accum = cfg.grad_accum_steps
+    accum = trainer.grad_accum
     out, last = [], None
     for _ in range(steps):
         for _ in range(accum):

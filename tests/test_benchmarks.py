@@ -1,0 +1,26 @@
+"""The benchmark scripts still run (smallest settings; no timing is asserted: their figures go to
+benchmarks/README.md). A script that rots unnoticed cannot be re-measured by the next person."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+CASES = {
+    "checkpoint_io": ["--sizes", "4", "--rounds", "1"],
+    "throughput": ["--steps", "8", "--rounds", "1"],
+    "end_to_end": ["--steps", "6", "--every", "3"],
+    "gpu_staging": ["--sizes", "4"],  # says "no CUDA device" on a machine without one
+}
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_script_runs(script: str, tmp_path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *CASES[script]],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
