@@ -21,6 +21,8 @@ pytestmark = pytest.mark.distributed
 
 STEPS = 30
 ARGS = ["--data", "corpus.txt", *TINY, "--max-steps", str(STEPS), "--num-epochs", "20"]
+# FSDP2 with 2 micro-batches per rank per step, so gradient sync is switched off and on again.
+FSDP = ["--fsdp", "--batch-size", "16"]
 
 
 def torchrun(*args: str) -> list[str]:
@@ -51,7 +53,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fsdp_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("fsdp_reference")
     (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES * 2))
-    run(d, *ARGS, "--fsdp")
+    run(d, *ARGS, *FSDP)
     return d
 
 
@@ -96,7 +98,7 @@ def test_two_ranks_log_once_and_write_the_single_process_layout(reference: Path)
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_sigterm_to_torchrun_then_resume_is_exact(mode: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    extra = ["--fsdp"] if mode == "fsdp" else []
+    extra = FSDP if mode == "fsdp" else []
     reference = request.getfixturevalue("fsdp_reference" if mode == "fsdp" else "reference")
     (tmp_path / "corpus.txt").write_bytes((reference / "corpus.txt").read_bytes())
     err = stop_with_sigterm(tmp_path, *ARGS, *extra)
