@@ -174,8 +174,9 @@ def write_checkpoint(
     `before_commit` runs after every new file is durable and verified, just before `final` takes
     its name (the store uses it to move the old best aside only once the new best is safe).
     `verify=False` skips only the read-back (for an emergency save against a deadline); the digest
-    is still in the footer and every load checks it. `displaced`: see `_replace`. On any error every temporary file is removed,
-    no final name is touched before its own file is complete, and `CheckpointWriteError` is raised.
+    is still in the footer and every load checks it. `displaced`: see `_replace`. On any error
+    every temporary file is removed, no final name is touched before its own file is complete,
+    and `CheckpointWriteError` is raised.
     """
     import torch  # deferred: the lister and the footer readers must not pay for importing torch
 
