@@ -212,7 +212,7 @@ class CheckpointManager:
             self._wait_inflight()  # at most one save in flight: staging buffers are reused
         if not todo or not self._has_room(state, todo, step, shards):
             if shards is not None:
-                self._drop_shards(shards)
+                self._delete([shards.directory])
             return False
         if Kind.BEST in todo:
             self._best_value = (metrics or {})[self.options.metric]
@@ -234,10 +234,6 @@ class CheckpointManager:
         if not self.write_bandwidth or not self._last_file_bytes:
             return None
         return self._last_file_bytes / self.write_bandwidth
-
-    def _expected_file_bytes(self, state: dict[str, Any]) -> int:
-        """The size of one file of this state: the last one written, else its tensors plus framing."""
-        return self._last_file_bytes or _tensor_bytes(state) + (1 << 16)
 
     def _stage(self, state: dict[str, Any]) -> dict[str, Any]:
         if self._staging is None:
@@ -283,13 +279,7 @@ class CheckpointManager:
             return self._commit_each(snapshot, step, epoch, kinds, metrics, meta, stall, verify, shards)
         finally:
             if shards is not None:
-                self._drop_shards(shards)  # every checkpoint directory holds its own links to them
-
-    def _drop_shards(self, shards: Shards) -> None:
-        try:
-            storage.remove(shards.directory)
-        except OSError as e:  # a leftover temporary directory: the next writing open removes it
-            logger.warning("could not remove %s: %s", shards.directory, e)
+                self._delete([shards.directory])  # every checkpoint directory holds its own links to them
 
     def _commit_each(self, snapshot: dict[str, Any], step: int, epoch: int | None, kinds: Sequence[Kind],
                      metrics: dict[str, float] | None, meta: dict[str, Any] | None, stall: float,
@@ -333,8 +323,9 @@ class CheckpointManager:
             results.append(result)
         return results
 
-    def _delete(self, displaced: list[Path]) -> None:
-        for path in displaced:
+    def _delete(self, temporaries: list[Path]) -> None:
+        """Remove files or directories under temporary names (displaced checkpoints, used shards)."""
+        for path in temporaries:
             try:
                 storage.remove(path)
             except OSError as e:  # a leftover temporary name: the next writing open removes it
@@ -401,7 +392,8 @@ class CheckpointManager:
 
     def _has_room(self, state: dict[str, Any], kinds: Sequence[Kind], step: int, shards: Shards | None) -> bool:
         copies = sum(2 if k in (Kind.ROLLING, Kind.BEST) else 1 for k in kinds)
-        per_file = self._last_file_bytes or self._expected_file_bytes(state) + (shards.bytes if shards else 0)
+        # The last file written, else this state's tensors plus framing (and its shards).
+        per_file = self._last_file_bytes or _tensor_bytes(state) + (1 << 16) + (shards.bytes if shards else 0)
         needed = copies * per_file + self.options.min_free_bytes
         free = storage.free_bytes(self.directory)
         if free >= needed:
