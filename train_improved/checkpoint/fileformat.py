@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import xxhash
 
@@ -35,6 +35,7 @@ _EOCD_SIZE = 22  # zip end-of-central-directory record without its comment
 _TAIL = struct.Struct("<I16s8s")  # footer JSON length, xxh3-64 of the JSON (hex), magic
 _MAX_COMMENT = 0xFFFF
 _READ_CHUNK = 8 << 20
+T = TypeVar("T")
 
 
 class CheckpointError(Exception):
@@ -96,14 +97,15 @@ class _ReplacedWhileReading(Exception):
     pass
 
 
-def _retrying(read: Callable[[], Any]) -> Any:
-    """Run `read` again (a few times) when the directory it read was replaced under it."""
-    for _ in range(4):
+def _read_consistently(path: Path, read: Callable[[Callable[[str], BinaryIO]], T]) -> T:
+    """`read(open_member)` over one checkpoint's files; again if a writer replaced it meanwhile."""
+    for _ in range(5):
         try:
-            return read()
+            with _members(path) as open_member:
+                return read(open_member)
         except _ReplacedWhileReading:
             continue
-    return read()
+    raise CorruptCheckpointError("was replaced by newer checkpoints five times while being read")
 
 
 def _open_state(open_member: Callable[[str], BinaryIO], sharded: bool) -> BinaryIO:
@@ -118,9 +120,12 @@ def _open_state(open_member: Callable[[str], BinaryIO], sharded: bool) -> Binary
 
 def read_footer(path: Path) -> dict[str, Any]:
     """The footer of a checkpoint, reading only its last bytes. Raises CorruptCheckpointError."""
-    try:
-        with _members(path) as open_member, _open_state(open_member, path.is_dir()) as f:
+    def read(open_member: Callable[[str], BinaryIO]) -> dict[str, Any]:
+        with _open_state(open_member, path.is_dir()) as f:
             return _read_footer(f, os.fstat(f.fileno()).st_size)
+
+    try:
+        return _read_consistently(path, read)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {describe_os_error(e)}") from e
 
@@ -186,16 +191,10 @@ def verify_file(path: Path, expected_digest: str | None = None, *, shards: bool 
     For a sharded checkpoint, `shards=False` checks `state.pt` only (a rank that loads a directory
     rank 0 has just verified). Raises CorruptCheckpointError.
     """
-    def read() -> dict[str, Any]:
-        with _members(path) as open_member:
-            return _verify(open_member, path.is_dir(), expected_digest, shards)
-
     try:
-        return _retrying(read)
+        return _read_consistently(path, lambda m: _verify(m, path.is_dir(), expected_digest, shards))
     except OSError as e:
         raise CorruptCheckpointError(f"cannot be read back: {describe_os_error(e)}") from e
-    except _ReplacedWhileReading:
-        raise CorruptCheckpointError("was replaced by newer checkpoints five times while being read") from None
 
 
 def _verify(open_member: Callable[[str], BinaryIO], sharded: bool, expected_digest: str | None,
@@ -245,11 +244,14 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", *, shards: bool = Tru
     import torch
 
     sharded = path.is_dir()
+
+    def read(open_member: Callable[[str], BinaryIO]) -> tuple[Any, dict[str, Any]]:
+        meta = _verify(open_member, sharded, None, shards)
+        with _open_state(open_member, sharded) as f:
+            return torch.load(f, map_location=map_location, weights_only=True), meta
+
     try:
-        with _members(path) as open_member:
-            meta = _verify(open_member, sharded, None, shards)
-            with _open_state(open_member, sharded) as f:
-                state = torch.load(f, map_location=map_location, weights_only=True)
+        state, meta = _read_consistently(path, read)
     except pickle.UnpicklingError as e:
         reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line),
                       str(e).splitlines()[-1].strip() if str(e) else "")
