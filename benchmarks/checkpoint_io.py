@@ -45,16 +45,6 @@ def make_state(mb: int) -> dict:
             "step": 10}
 
 
-def state_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(state_bytes(v) for v in obj)
-    return 0
-
-
 def drop_file(path: Path) -> None:
     path.unlink(missing_ok=True)
 
@@ -77,6 +67,10 @@ def tensors_of(obj) -> list[torch.Tensor]:
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in tensors_of(v)]
     return []
+
+
+def state_bytes(obj) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors_of(obj))
 
 
 def raw_bandwidth(directory: Path, state: dict, copies: int, *, early_writeback: bool) -> float:
