@@ -24,7 +24,7 @@ from train_improved.checkpoint import (
     storage,
     verify_file,
 )
-from train_improved.checkpoint.sharded import load_model_state, read_shards, write_shards
+from train_improved.checkpoint.sharded import load_model_state, read_shards, staging_directory, write_shards
 
 
 def tensors(step: int) -> dict:
@@ -34,8 +34,7 @@ def tensors(step: int) -> dict:
 
 
 def save(m: CheckpointManager, step: int, kinds: list[Kind], metrics: dict | None = None) -> None:
-    staging = storage.temp_path_for(m.directory / "shards")
-    shards = write_shards(staging, tensors(step))
+    shards = write_shards(staging_directory(m.directory), tensors(step))
     m.save({"step": step, "sharded": True, "rest": torch.tensor([step])}, step=step, kinds=kinds,
            metrics=metrics, shards=shards)
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from . import distributed, parallel
-from .checkpoint import CheckpointError, CheckpointManager, Kind, SaveResult, sharded, storage
+from .checkpoint import CheckpointError, CheckpointManager, Kind, SaveResult, sharded
 from .config import ConfigError, DataError, TrainConfig
 from .data import TokenLoader, load_dataset
 from .metrics import MetricsLogger
@@ -390,7 +390,7 @@ class Trainer:
         if self.cfg.fsdp:
             tensors = {"model": state.pop("model"), "optimizer_state": state["optimizer"].pop("state")}
             state["sharded"] = True
-            staging = storage.temp_path_for(Path(self.cfg.checkpoint_dir) / "shards") if self.dist.is_main else None
+            staging = sharded.staging_directory(Path(self.cfg.checkpoint_dir)) if self.dist.is_main else None
             shards = sharded.write_shards(distributed.gather(self.dist, staging)[0], tensors)
         if self.manager is not None:
             self.manager.save(state, step=self.step, epoch=self.epoch_of(self.step), kinds=kinds,

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from .fileformat import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, hash_file
-from .storage import Shards
+from .storage import Shards, temp_path_for
 
 METADATA_FILE = ".metadata"
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -100,6 +100,11 @@ def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def staging_directory(checkpoint_dir: Path) -> Path:
+    """A fresh temporary name in `checkpoint_dir` for `write_shards` (removed at the next open if left)."""
+    return temp_path_for(checkpoint_dir / "shards")
 
 
 def write_shards(directory: Path, state: dict[str, Any]) -> Shards:
