@@ -167,3 +167,25 @@ def test_verifying_a_directory_while_the_writer_replaces_it_reads_one_checkpoint
     monkeypatch.setattr(fileformat, "_hash_open", hash_then_swap)
     assert verify_file(d / "latest_backup.pt")["step"] == 2
     assert swapped
+
+
+def test_a_crash_while_deleting_a_sharded_checkpoint_never_leaves_half_of_it_under_its_name(
+        tmp_path: Path, monkeypatch) -> None:
+    # Retention deletes whole directories; a kill between two unlinks must not leave a final-named
+    # directory with some shard files missing (found by the kill -9 test of a 2-rank --fsdp run).
+    d = saved_steps(tmp_path / "ck", 1, 2)
+    real_rmtree = storage.shutil.rmtree
+
+    def killed_half_way(path, *a, **k):
+        next(Path(path).glob("*.distcp")).unlink()
+        raise KeyboardInterrupt  # stands for the SIGKILL: nothing after this line runs
+
+    monkeypatch.setattr(storage.shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        storage.remove(d / "rolling_step_000001.pt")
+    monkeypatch.setattr(storage.shutil, "rmtree", real_rmtree)
+    assert not (d / "rolling_step_000001.pt").exists()
+    for p in d.glob("*.pt"):
+        verify_file(p)
+    with CheckpointManager(d):  # the next writing open removes the leftover
+        assert not list(d.glob(".tmp-*"))

@@ -69,8 +69,18 @@ def fsync_dir(directory: Path) -> None:
 
 
 def remove(path: Path) -> None:
-    """Delete a checkpoint: a file, or a sharded directory."""
+    """Delete a checkpoint: a file (one atomic unlink), or a sharded directory.
+
+    A directory is first renamed to a temporary name: deleting its files one by one is not atomic,
+    and a crash half-way must leave a temporary name (removed at the next open), never a
+    half-deleted checkpoint under a final name.
+    """
     if path.is_dir() and not path.is_symlink():
+        if not path.name.startswith(TEMP_PREFIX):
+            aside = temp_path_for(path)
+            os.rename(path, aside)
+            fsync_dir(path.parent)
+            path = aside
         shutil.rmtree(path)
     else:
         path.unlink()
