@@ -20,9 +20,9 @@ from rich.console import Console
 
 from . import config, distributed
 from .checkpoint import CheckpointError, CheckpointManager, CheckpointOptions, NoCheckpointError, read_footer
-from .checkpoint.manager import is_explicit_path
-from .checkpoint.records import describe
 from .checkpoint.fileformat import load_checkpoint
+from .checkpoint.layout import is_explicit_path
+from .checkpoint.records import describe
 from .config import ConfigError, DataError, TrainConfig
 from .progress import err_console
 

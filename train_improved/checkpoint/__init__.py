@@ -3,9 +3,6 @@
     from train_improved.checkpoint import CheckpointManager, CheckpointOptions, Kind
 """
 
-from .layout import Family, Kind
-from .manager import CheckpointManager
-from .records import CheckpointInfo, CheckpointOptions, NoCheckpointError, SaveResult, describe
 from .fileformat import (
     CheckpointError,
     CheckpointWriteError,
@@ -15,6 +12,9 @@ from .fileformat import (
     read_footer,
     verify_file,
 )
+from .layout import Family, Kind
+from .manager import CheckpointManager
+from .records import CheckpointInfo, CheckpointOptions, NoCheckpointError, SaveResult, describe
 
 __all__ = [
     "CheckpointError",

@@ -11,6 +11,7 @@ Users script against these names, so they are fixed:
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -91,3 +92,8 @@ def parse_name(name: str) -> ParsedName | None:
     if m := _EPOCH_RE.match(name):
         return ParsedName(Family.EPOCH, epoch=int(m[1]))
     return None
+
+
+def is_explicit_path(name: str) -> bool:
+    """`--resume` names with a path separator or a leading '.' or '~' are paths; others live in the directory."""
+    return os.sep in name or name.startswith((".", "~"))

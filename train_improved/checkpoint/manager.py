@@ -24,7 +24,6 @@ Commit order of one save (each line is durable before the next starts):
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import os
@@ -38,17 +37,19 @@ from pathlib import Path
 from typing import Any
 
 from . import fileformat, layout, storage
+from .fileformat import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from .layout import Family, Kind
+from .lock import DirectoryLock
 from .records import (
     CheckpointInfo,
     CheckpointOptions,
     NoCheckpointError,
     SaveResult,
     describe,
+    disk_usage,
     human_bytes,
 )
 from .retention import keep_last, to_delete
-from .fileformat import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from .storage import Shards
 
 logger = logging.getLogger("train_improved.checkpoint")
@@ -67,7 +68,7 @@ class CheckpointManager:
         self.options = options or CheckpointOptions()
         self.read_only = read_only
         self._protected: set[str] = set()
-        self._lock_fd: int | None = None
+        self._lock: DirectoryLock | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[list[SaveResult]] | None = None
         self._done: list[SaveResult] = []
@@ -85,35 +86,10 @@ class CheckpointManager:
     # ----------------------------------------------------------------------------- lifecycle
 
     def _open_for_writing(self) -> None:
-        d = self.directory
-        if d.exists() and not d.is_dir():
-            raise CheckpointError(f"checkpoint directory {d} is a file, not a directory")
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            fd = os.open(d / layout.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise CheckpointError(f"checkpoint directory {d} is not writable: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise CheckpointError(
-                f"checkpoint directory {d} is in use by another train process (pid {holder}); "
-                "use another --checkpoint-dir or stop that run first"
-            ) from None
-        self._lock_fd = fd
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        probe = storage.temp_path_for(d / "probe")
-        try:
-            probe.touch()
-            probe.unlink()
-        except OSError as e:
-            self.close()
-            raise CheckpointError(f"checkpoint directory {d} is not writable: {e.strerror}") from None
-        if removed := storage.clean_temp_files(d):
-            logger.warning("removed %d temporary file(s) left by an interrupted save in %s", len(removed), d)
+        self._lock = DirectoryLock(self.directory)
+        if removed := storage.clean_temp_files(self.directory):
+            logger.warning("removed %d temporary file(s) left by an interrupted save in %s", len(removed),
+                           self.directory)
 
     def close(self) -> None:
         """Wait for the save in flight, then release the directory."""
@@ -121,9 +97,9 @@ class CheckpointManager:
             self.wait_until_finished()
             self._executor.shutdown(wait=True)
             self._executor = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -422,24 +398,14 @@ class CheckpointManager:
         return f"checkpoint storage: {parts or 'empty'}; total {total}; free {human_bytes(storage.free_bytes(self.directory))}"
 
     def usage_by_family(self) -> dict[Family, int]:
-        seen: set[int] = set()
-        usage = {fam: 0 for fam in Family}
-        # latest*.pt are usually hard links to another family's file: count them last, so the owner pays.
-        # A sharded checkpoint's files are counted one by one: checkpoints of one step share their shards.
-        for info in sorted(self.all(), key=lambda i: i.family is Family.LATEST):
-            parts = ([os.stat(f) for f in info.path.iterdir()] if info.path.is_dir()
-                     else [os.stat(info.path)])
-            for st in parts:
-                if st.st_ino not in seen:
-                    seen.add(st.st_ino)
-                    usage[info.family] += st.st_size
-        return usage
+        """Bytes on disk per family, each file counted once however many names it has."""
+        return disk_usage(self.all())
 
     # ----------------------------------------------------------------------------- restoring
 
     def resolve(self, which: str | Path) -> Path:
         """Where `which` points: a bare name resolves inside the directory, a path-like one is taken as given."""
-        if isinstance(which, Path) or is_explicit_path(which):
+        if isinstance(which, Path) or layout.is_explicit_path(which):
             return Path(which).expanduser()
         return self.directory / which
 
@@ -494,11 +460,6 @@ def _yield_cpu_to_training() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # Linux: this thread only
     except (AttributeError, OSError):
         pass  # not Linux, or not permitted: the writer just runs at normal priority
-
-
-def is_explicit_path(name: str) -> bool:
-    """`--resume` names with a path separator or a leading '.' or '~' are paths; others live in the directory."""
-    return os.sep in name or name.startswith((".", "~"))
 
 
 def _tensor_bytes(obj: Any) -> int:

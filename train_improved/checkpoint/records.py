@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from . import fileformat, layout
-from .layout import Family, Kind
 from .fileformat import CheckpointError
+from .layout import Family, Kind
 
 
 class NoCheckpointError(CheckpointError):
@@ -109,6 +110,24 @@ def describe(path: Path) -> CheckpointInfo:
         return CheckpointInfo(path.name, path, family, size, inode, fileformat.read_footer(path))
     except CheckpointError as e:
         return CheckpointInfo(path.name, path, family, size, inode, error=str(e))
+
+
+def disk_usage(infos: Iterable[CheckpointInfo]) -> dict[Family, int]:
+    """Bytes on disk per family, each inode counted once.
+
+    latest*.pt are usually hard links to another family's file: they are counted last, so the
+    owner pays. A sharded checkpoint's files are counted one by one: checkpoints of one step
+    share their shards.
+    """
+    seen: set[int] = set()
+    usage = {fam: 0 for fam in Family}
+    for info in sorted(infos, key=lambda i: i.family is Family.LATEST):
+        parts = [os.stat(f) for f in info.path.iterdir()] if info.path.is_dir() else [os.stat(info.path)]
+        for st in parts:
+            if st.st_ino not in seen:
+                seen.add(st.st_ino)
+                usage[info.family] += st.st_size
+    return usage
 
 
 def human_bytes(n: float) -> str:
