@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from conftest_free_corpus import write_corpus
+
 from train_improved.checkpoint import CheckpointManager
 from train_improved.config import resolve
 from train_improved.metrics import MetricsLogger

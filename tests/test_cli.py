@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, run_train
 from train_improved.config import OPTION_NAMES
+
+from conftest import TINY, run_train
 
 
 def test_help_lists_every_option(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from train_improved import config
-from train_improved.config import ConfigError, parse_duration, parse_size
 from train_improved.cli import _normalize_argv
+from train_improved.config import ConfigError, parse_duration, parse_size
 
 
 def test_human_sizes_and_durations() -> None:

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, step_losses
 from train_improved.checkpoint import read_footer, verify_file
 from train_improved.checkpoint.sharded import load_model_state
+
+from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, step_losses
 
 pytestmark = pytest.mark.distributed
 

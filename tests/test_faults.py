@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CORPUS_BYTES, TINY, corpus_bytes, run_train, step_losses
 from train_improved.checkpoint import storage, verify_file
+
+from conftest import CORPUS_BYTES, TINY, corpus_bytes, run_train, step_losses
 
 pytestmark = pytest.mark.faults
 

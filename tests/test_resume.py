@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CORPUS_BYTES, STEPS_PER_EPOCH, TINY, read_metrics, run_train, step_losses
 from train_improved.checkpoint import verify_file
+
+from conftest import CORPUS_BYTES, STEPS_PER_EPOCH, TINY, read_metrics, run_train, step_losses
 
 STEPS = 40
 ARGS = [*TINY, "--max-steps", str(STEPS), "--num-epochs", "10"]

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, run_train, step_losses
 from train_improved.data import TokenLoader
+
+from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, run_train, step_losses
 
 STEPS = 30  # 12 steps per epoch: epochs 0 and 1 end inside the run
 ARGS = ["--data", "corpus.txt", *TINY, "--max-steps", str(STEPS), "--num-epochs", "5"]
