@@ -189,3 +189,16 @@ def test_a_crash_while_deleting_a_sharded_checkpoint_never_leaves_half_of_it_und
         verify_file(p)
     with CheckpointManager(d):  # the next writing open removes the leftover
         assert not list(d.glob(".tmp-*"))
+
+
+def test_without_an_atomic_exchange_directories_are_still_replaced_whole(tmp_path: Path, monkeypatch) -> None:
+    # Not Linux (no renameat2): latest.pt is renamed aside, then the new directory takes its name.
+    monkeypatch.setattr(storage, "_renameat2", None)
+    d = saved_steps(tmp_path / "ck", 1, 2, 3)
+    with CheckpointManager(d, read_only=True) as m:
+        infos = {i.name: i for i in m.all()}
+        state, info = m.restore("latest")
+    assert infos["latest.pt"].step == 3 and infos["latest_backup.pt"].step == 2
+    assert state["step"] == 3 and info.name == "latest.pt"
+    assert all(verify_file(i.path) for i in infos.values())
+    assert not list(d.glob(".tmp-*"))
