@@ -3,11 +3,13 @@
 
 Times the real command (a subprocess, as a user runs it) and the in-process collection alone.
 
-    python benchmarks/listing.py
+    python benchmarks/listing.py                      # the recorded cases: 2 and 200 small files, 2 large
+    python benchmarks/listing.py --count 200 --large-mb 200
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import subprocess
 import sys
@@ -38,8 +40,13 @@ def timed(fn, repeats: int = 5) -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=200, help="checkpoints in the many-files case")
+    ap.add_argument("--large-mb", type=float, default=200, help="size of each file in the large-files case, MiB")
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cases = {"2 x 10 KiB": (2, 0.01), "200 x 10 KiB": (200, 0.01), "2 x 200 MiB": (2, 200)}
+        cases = {"2 x 10 KiB": (2, 0.01), f"{args.count} x 10 KiB": (args.count, 0.01),
+                 f"2 x {args.large_mb:g} MiB": (2, args.large_mb)}
         print(f"{'case':>14} {'files':>6} {'collect s':>10} {'command s':>10}")
         for name, (count, mb) in cases.items():
             d = Path(tmp) / name.replace(" ", "")

@@ -14,7 +14,8 @@ CASES = {
     "checkpoint_io": ["--sizes", "4", "--rounds", "1"],
     "throughput": ["--steps", "8", "--rounds", "1"],
     "end_to_end": ["--steps", "6", "--every", "3"],
-    "gpu_staging": ["--sizes", "4"],  # says "no CUDA device" on a machine without one
+    "gpu_staging": ["--sizes", "4"],
+    "listing": ["--count", "3", "--large-mb", "1"],  # says "no CUDA device" on a machine without one
 }
 
 
