@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -188,8 +189,12 @@ def test_tensorboard_and_auto_checkpoint_frequency(tmp_path: Path, run: Path) ->
                     "--checkpoint-freq", "auto", "--mtbf", "0.01s", "--eval-interval", "5", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert list((tmp_path / "runs").glob("events.out.tfevents.*"))
-    # Young's interval is printed once the first save's cost is known, and rolling saves follow it.
-    assert "checkpoint interval: every" in " ".join(out.stderr.split())
+    # The interval is printed at the start, and again once the first save's cost is known (Young's
+    # interval); rolling saves follow it.
+    err = " ".join(out.stderr.split())
+    assert "checkpoint interval: every 250 steps until a save has been timed" in err
+    assert "(--checkpoint-freq auto, MTBF 0.01s)" in err
+    assert re.search(r"checkpoint interval: every \d+ steps \(save cost [0-9.]+s, MTBF 0.01s\)", err)
     rolling = [r for r in read_metrics(tmp_path / "runs" / "metrics.jsonl")
                if r["event"] == "checkpoint" and r["kind"] == "rolling"]
     assert len(rolling) >= 2

@@ -98,6 +98,14 @@ def parse_duration(value: Any) -> float:
     return _parse_with_units(value, _DURATION_UNITS, "duration", "24h, 90m or 3600")
 
 
+def format_duration(seconds: float) -> str:
+    """86400 -> '1d', 5400 -> '1.5h', 90 -> '1.5m', 0.05 -> '0.05s': what parse_duration reads back."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g}{unit}"
+    return f"{seconds:.3g}s"
+
+
 def _parse_with_units(value: Any, units: dict[str, int], what: str, example: str) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a {what} like {example}")

@@ -24,7 +24,7 @@ import torch
 
 from . import distributed, parallel
 from .checkpoint import CheckpointError, CheckpointManager, Kind, SaveResult, sharded
-from .config import ConfigError, DataError, TrainConfig
+from .config import ConfigError, DataError, TrainConfig, format_duration
 from .data import TokenLoader, load_dataset
 from .metrics import MetricsLogger
 from .model import GPT, GPTConfig
@@ -286,6 +286,9 @@ class Trainer:
         cfg = self.cfg
         self.manager, self.metrics = manager, metrics
         self.progress.start(self.total_steps, self.step)
+        if cfg.checkpoint_freq == "auto" and manager is not None:
+            logger.info("checkpoint interval: every %d steps until a save has been timed (--checkpoint-freq auto, "
+                        "MTBF %s)", self._save_every, format_duration(cfg.mtbf))
         tokens_per_step = cfg.batch_size * cfg.block_size
         try:
             if self._eval_due(self.step) and self.last_eval_step < self.step:
@@ -415,7 +418,8 @@ class Trainer:
         interval_s = math.sqrt(2 * cost * self.cfg.mtbf)
         every = max(1, round(interval_s / self._step_time))
         if every != self._save_every:
-            logger.info("checkpoint interval: every %d steps (save cost %.3fs, MTBF %.0fs)", every, cost, self.cfg.mtbf)
+            logger.info("checkpoint interval: every %d steps (save cost %.3fs, MTBF %s)", every, cost,
+                        format_duration(self.cfg.mtbf))
             self._save_every = every
 
     def _emergency_stop(self, signum: int) -> int:
