@@ -106,11 +106,16 @@ def test_loader_position_round_trips() -> None:
 # ------------------------------------------------------------------ operator tools
 
 
-def test_lister_shows_every_family_and_totals(run: Path) -> None:
-    out = run_train("--list-checkpoints", cwd=run, env={"COLUMNS": "200"})
+def test_lister_shows_every_family_and_totals(run: Path, monkeypatch) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)  # piped, as into a log or a pager: no terminal width
+    out = run_train("--list-checkpoints", cwd=run)
     assert out.returncode == 0, out.stderr
     for title in ("Latest", "Best", "Rolling", "Epoch"):
         assert title in out.stdout
+    # Every file name is shown whole, on one line, however wide the table gets.
+    for path in (run / "checkpoints").glob("*.pt"):
+        assert re.search(rf"│ {re.escape(path.name)}[ │]", out.stdout), path.name
+    assert "…" not in out.stdout
     assert "storage:" in out.stdout and "total" in out.stdout and "free" in out.stdout
 
 

@@ -7,7 +7,9 @@ directory is missing or any checkpoint is damaged, so monitoring scripts can ale
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,10 @@ def collect(directory: Path, verify: bool = False) -> dict[str, Any]:
 
 def list_checkpoints(directory: Path, *, as_json: bool = False, verify: bool = False,
                      console: Console | None = None) -> int:
-    console = console or Console()
+    if console is None:
+        # Piped to a file or a pager, rich would cut the table to 80 columns and truncate file names,
+        # the one thing a reader needs whole. A terminal keeps its own width (names never wrap there).
+        console = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=200)
     if not directory.exists():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     if not directory.is_dir():
@@ -92,14 +97,15 @@ def list_checkpoints(directory: Path, *, as_json: bool = False, verify: bool = F
         if not rows:
             continue
         table = Table(title=f"{title} ({human_bytes(data['storage_bytes'][family.value])})", title_justify="left")
-        for col, justify in (("file", "left"), ("step", "right"), ("epoch", "right"), ("val_loss", "right"),
+        names = [r["name"] + _note(r) for r in rows]
+        table.add_column("file", no_wrap=True, min_width=max(len(n) for n in names))
+        for col, justify in (("step", "right"), ("epoch", "right"), ("val_loss", "right"),
                              ("size", "right"), ("saved", "left"), ("write", "right"), ("status", "left")):
             table.add_column(col, justify=justify)  # type: ignore[arg-type]
-        for r in rows:
-            note = " (backup)" if r["backup"] else (f" = {r['same_as']}" if r["same_as"] else "")
+        for r, name in zip(rows, names, strict=True):
             status = f"[red]{r['status']}[/]" if r["status"].startswith("BAD") else f"[green]{r['status']}[/]"
             table.add_row(
-                r["name"] + note, _fmt(r["step"]), _fmt(r["epoch"]),
+                name, _fmt(r["step"]), _fmt(r["epoch"]),
                 f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-", human_bytes(r["bytes"]),
                 _when(r["saved_at"]), f"{r['write_s']:.2f}s" if r["write_s"] is not None else "-", status,
             )
@@ -110,6 +116,10 @@ def list_checkpoints(directory: Path, *, as_json: bool = False, verify: bool = F
     if bad:
         console.print(f"[red]{bad} damaged checkpoint(s)[/]: `train --resume latest` skips them and says so")
     return 1 if bad else 0
+
+
+def _note(row: dict[str, Any]) -> str:
+    return " (backup)" if row["backup"] else (f" = {row['same_as']}" if row["same_as"] else "")
 
 
 def _fmt(v: Any) -> str:
