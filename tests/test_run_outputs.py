@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from train_improved.checkpoint import CheckpointManager
 from train_improved.data import TokenLoader
 
 from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, run_train, step_losses
@@ -178,6 +179,31 @@ def test_compare_classifies_changes(run: Path) -> None:
     assert "--mini-batch-size 2" in ok.stdout.splitlines()[-1]
     bad = resume_command("checkpoints/latest.pt", "--compare", "--n-embd", "64", cwd=run)
     assert bad.returncode == 1 and "incompatible" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
+
+
+def test_resuming_from_another_directory_continues_in_the_checkpoints_store(tmp_path: Path) -> None:
+    # Started in `start/` with the default relative --checkpoint-dir; resumed (and its command generated)
+    # from `elsewhere/`: the run must keep writing into start/checkpoints, not a new ./checkpoints.
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(corpus_bytes(CORPUS_BYTES))
+    run_train("--data", str(corpus), *TINY, "--max-steps", "8", cwd=start, check=True)
+    store = start / "checkpoints"
+    out = resume_command(str(store / "latest.pt"), cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    words = shlex.split(out.stdout.strip().splitlines()[-1])
+    assert words[words.index("--checkpoint-dir") + 1] == str(store.resolve())
+    out = run_train("--resume", str(store / "latest.pt"), "--max-steps", "12", cwd=elsewhere, check=True)
+    assert not (elsewhere / "checkpoints").exists()
+    with CheckpointManager(store, read_only=True) as m:
+        latest = m.latest()
+    assert latest is not None and latest.step == 12
+    # A directory given explicitly still wins.
+    run_train("--resume", str(store / "latest.pt"), "--max-steps", "14", "--checkpoint-dir", "branch",
+              cwd=elsewhere, check=True)
+    assert (elsewhere / "branch" / "latest.pt").exists()
 
 
 @pytest.mark.parametrize("content", [None, b"not a checkpoint", b""])

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import config
-from .checkpoint import CheckpointError, CorruptCheckpointError, verify_file
+from .checkpoint import CheckpointError, CorruptCheckpointError, layout, verify_file
 from .config import ConfigError, TrainConfig
 from .overrides import WHY, Change, Effect, classify, incompatible
 
@@ -31,6 +31,21 @@ def locate(checkpoint: str) -> Path:
     if path.exists() or os.sep in checkpoint:
         return path
     return Path(os.environ.get("CHECKPOINT_DIR", "checkpoints")) / checkpoint
+
+
+def continued_args(args: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The options a run resumed from `path` continues with: the saved ones, except that
+    `checkpoint_dir` is the store that holds `path` (absolute), when `path` lies in one.
+
+    A saved relative --checkpoint-dir means "relative to where the run was started". Resumed from
+    another working directory, it would start a second, empty store there and leave the run's
+    history behind; the file's own location says where the run lives wherever the command is typed.
+    A lone file outside any store keeps the saved value. Options given explicitly still win.
+    """
+    store = path.expanduser().parent
+    if (store / layout.HISTORY).exists() or (store / layout.LOCK).exists():
+        return {**args, "checkpoint_dir": str(store.resolve())}
+    return args
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -104,6 +119,7 @@ def main(checkpoint: str, extra: list[str], *, compare: bool) -> int:
     old = footer.get("args")
     if not isinstance(old, dict):
         raise CheckpointError(f"{path} holds no training options (not written by the train command?)")
+    old = continued_args(old, path)
     new = {**old, **parse_overrides(extra)}
     config.validate(TrainConfig(**{k: v for k, v in new.items() if k in config.OPTION_NAMES}))
     out = Console()

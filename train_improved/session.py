@@ -25,6 +25,7 @@ from .checkpoint.layout import is_explicit_path
 from .checkpoint.records import describe
 from .config import ConfigError, DataError, TrainConfig
 from .progress import err_console
+from .resume_command import continued_args, print_changes
 
 
 def checkpoint_options(cfg: TrainConfig) -> CheckpointOptions:
@@ -62,16 +63,15 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
          pre: TrainConfig) -> int:
     from .metrics import MetricsLogger
     from .progress import RichProgress
-    from .resume_command import print_changes
     from .signals import GracefulStop
     from .trainer import NoProgress, Trainer
 
     manager, state, info = _choose_checkpoint(d, pre, resume)
     try:
-        cfg = config.resolve(cli=given, environ=os.environ, config_file=config_file,
-                             stored=state["args"] if state else None)
-        if state is not None:
-            print_changes(state["args"], cfg.to_dict(), title="Changes from the checkpoint's options",
+        stored = continued_args(state["args"], info.path) if state is not None else None
+        cfg = config.resolve(cli=given, environ=os.environ, config_file=config_file, stored=stored)
+        if stored is not None:
+            print_changes(stored, cfg.to_dict(), title="Changes from the checkpoint's options",
                           console=Console(stderr=True, quiet=not d.is_main))
         # Data and model are built, and so checked, before a fresh run writes anything.
         trainer = Trainer(cfg, progress=RichProgress() if d.is_main else NoProgress())
@@ -161,6 +161,7 @@ def _open_and_restore(pre: TrainConfig, resume: str | None
 
 def _footer_args(path: Path) -> dict[str, Any] | None:
     try:
-        return read_footer(path).get("args")
+        args = read_footer(path).get("args")
     except CheckpointError:
         return None  # restore() reports the problem with the full fallback story
+    return continued_args(args, path) if isinstance(args, dict) else None
