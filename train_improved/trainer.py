@@ -376,8 +376,12 @@ class Trainer:
         if not kinds:
             return
         self._checkpoint(kinds)
-        if self.manager is not None and self.cfg.checkpoint_freq == "auto":
-            self._retune_checkpoint_freq()
+        if self.manager is not None:
+            # The save just made (synchronous) or the one before it (async) is done: log it now, so
+            # the auto interval below uses the newest measured cost.
+            self._log_results(self.manager.poll())
+            if self.cfg.checkpoint_freq == "auto":
+                self._retune_checkpoint_freq()
         if self.dist.enabled:
             self._save_every = distributed.gather(self.dist, self._save_every)[0]  # rank 0 measured the cost
             distributed.barrier(self.dist)
