@@ -6,9 +6,11 @@ For a state living on CUDA (weights + AdamW moments) it measures, in the same ru
   * staging: the loop's stall with async saving, i.e. copies into reused *pinned* host buffers on a
              side stream, synchronized (steady state: the first call allocates the buffers);
   * async:   the store's full async rolling save (stall and background write time);
-and checks that the staged bytes equal the GPU tensors. Prints stall/plain ratios.
+and checks that the staged copy, and the checkpoint restored from disk, equal the GPU tensors bit
+for bit ("exact"). Prints stall/plain ratios.
 
     python benchmarks/gpu_staging.py --sizes 500 2000
+    python benchmarks/gpu_staging.py --sizes 4 --device cpu   # the same steps on CPU: a smoke run, no figures
 """
 
 from __future__ import annotations
@@ -27,26 +29,42 @@ from train_improved.checkpoint import CheckpointManager, CheckpointOptions, Kind
 from train_improved.checkpoint.staging import StagingArea
 
 
-def cuda_state(mb: int) -> dict:
+def device_state(mb: int, device: str) -> dict:
     n = max(3, mb // 4) // 3
-    t = lambda i: torch.full((1024, 1024), float(i), device="cuda")  # noqa: E731 - 4 MiB of float32
+    t = lambda i: torch.full((1024, 1024), float(i), device=device)  # noqa: E731 - 4 MiB of float32
     return {"model": {f"w{i}": t(i) for i in range(n)},
             "optimizer": {"state": {i: {"exp_avg": t(-i), "exp_avg_sq": t(i + 0.5)} for i in range(n)}}, "step": 1}
+
+
+def same_tensors(cpu_copy: dict, state: dict) -> bool:
+    """Every tensor of `state` (on the GPU) bitwise equal to its counterpart in `cpu_copy`."""
+    def pairs(a, b):
+        if isinstance(b, torch.Tensor):
+            yield a, b
+        elif isinstance(b, dict):
+            for k in b:
+                yield from pairs(a[k], b[k])
+    return all(x.device.type == "cpu" and torch.equal(x, y.cpu()) for x, y in pairs(cpu_copy, state))
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        synchronize()
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        synchronize()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def measure(mb: int, base: Path) -> str:
-    state = cuda_state(mb)
+def measure(mb: int, base: Path, device: str) -> str:
+    state = device_state(mb, device)
 
     def plain() -> None:
         path = base / "plain.pt"
@@ -59,14 +77,16 @@ def measure(mb: int, base: Path) -> str:
     area = StagingArea()
     area.stage(state)  # allocate the pinned buffers once, as the first save of a run does
     stage_s = timed(lambda: area.stage(state))
-    snap = area.stage(state)
-    exact = all(torch.equal(snap["model"][k], v.cpu()) for k, v in state["model"].items())
+    staged_exact = same_tensors(area.stage(state), state)
     d = base / "ck"
     with CheckpointManager(d, CheckpointOptions(keep_rolling=1)) as m:
         results = []
         for step in range(1, 4):
             m.save(state, step=step, kinds=Kind.ROLLING)
             results += m.wait_until_finished()
+        assert all(r.error is None for r in results), [r.error for r in results]
+        restored, _ = m.restore("latest")
+    exact = staged_exact and same_tensors(restored, state)
     shutil.rmtree(d)
     stall = statistics.median(r.stall_s for r in results[1:])
     write = statistics.median(r.write_s for r in results[1:])
@@ -77,18 +97,21 @@ def measure(mb: int, base: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[500, 2000], help="state sizes in MiB")
+    ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run of the same steps)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: nothing to measure (run this where a GPU is available)")
         return
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke run: these figures mean nothing)"
+    print(f"{name}  torch {torch.__version__}")
     print(f"{'state':>8} {'plain s':>8} {'stage s':>8} {'stage/plain':>11} {'async stall s':>13} "
           f"{'stall/plain':>11} {'write s':>8} {'exact':>6}")
     base = Path(tempfile.mkdtemp(prefix="gpubench-"))
     try:
         for mb in args.sizes:
-            print(measure(mb, base))
-            torch.cuda.empty_cache()
+            print(measure(mb, base, args.device))
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
