@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -89,6 +90,17 @@ def test_async_snapshot_is_taken_at_save_time(tmp_path: Path) -> None:
         m.save({"w": w}, step=1)
         w += 1  # training goes on while the writer works
     assert torch.equal(torch.load(tmp_path / "latest.pt", weights_only=True)["w"], torch.zeros(1000))
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_stall_counts_the_time_the_caller_spent_preparing(tmp_path: Path, async_save: bool) -> None:
+    # The trainer first gathers the state (and stages its shards): the loop waited for that too.
+    with CheckpointManager(tmp_path, CheckpointOptions(async_save=async_save)) as m:
+        m.save({"w": torch.zeros(10)}, step=1, stall_before=0.25)
+        (result,) = m.wait_until_finished()
+    assert 0.25 <= result.stall_s < 5
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["stall_s"] >= 0.25
 
 
 def test_a_new_manager_sees_the_same_latest_and_best(tmp_path: Path) -> None:

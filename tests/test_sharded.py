@@ -24,7 +24,13 @@ from train_improved.checkpoint import (
     storage,
     verify_file,
 )
-from train_improved.checkpoint.sharded import load_model_state, read_shards, staging_directory, write_shards
+from train_improved.checkpoint.sharded import (
+    ShardWriter,
+    load_model_state,
+    read_shards,
+    staging_directory,
+    write_shards,
+)
 
 
 def tensors(step: int) -> dict:
@@ -202,3 +208,42 @@ def test_without_an_atomic_exchange_directories_are_still_replaced_whole(tmp_pat
     assert state["step"] == 3 and info.name == "latest.pt"
     assert all(verify_file(i.path) for i in infos.values())
     assert not list(d.glob(".tmp-*"))
+
+
+def test_shards_written_in_the_background_are_committed_and_restored(tmp_path: Path) -> None:
+    d = tmp_path / "ck"
+    writer = ShardWriter()
+    try:
+        with CheckpointManager(d, CheckpointOptions(keep_rolling=2)) as m:
+            for step in (1, 2, 3):
+                pending = writer.start(staging_directory(d), tensors(step))
+                m.save({"step": step, "sharded": True}, step=step, kinds=[Kind.ROLLING], shards=pending)
+            results = m.wait_until_finished()
+            state, info = m.restore("latest")
+    finally:
+        writer.close()
+    assert [r.error for r in results] == [None, None, None] and all(r.write_s > 0 for r in results)
+    assert state["step"] == 3 and verify_file(info.path)
+    assert {p.name for p in d.glob("*.pt")} == {"latest.pt", "latest_backup.pt", "rolling_step_000002.pt",
+                                                "rolling_step_000003.pt", "rolling_last_backup.pt"}
+    assert not list(d.glob(".tmp-*"))  # every staging directory is gone
+    target = {k: {n: torch.zeros_like(t) for n, t in v.items()} for k, v in tensors(0).items()}
+    read_shards(info.path, target)
+    assert all(torch.equal(target[k][n], tensors(3)[k][n]) for k in target for n in target[k])
+
+
+def test_a_failed_background_shard_write_is_reported_and_latest_stays(tmp_path: Path) -> None:
+    d = saved_steps(tmp_path / "ck", 1)
+    (tmp_path / "a_file").write_text("not a directory")
+    writer = ShardWriter()
+    try:
+        with CheckpointManager(d) as m:
+            pending = writer.start(tmp_path / "a_file" / "shards", tensors(2))  # DCP cannot create it
+            m.save({"step": 2, "sharded": True}, step=2, kinds=[Kind.ROLLING], shards=pending)
+            (result,) = m.wait_until_finished()
+            assert m.latest().step == 1
+    finally:
+        writer.close()
+    assert result.error is not None and "writing the shards failed: Not a directory (ENOTDIR)" in result.error
+    assert not (d / "rolling_step_000002.pt").exists()
+    assert verify_file(d / "latest.pt")

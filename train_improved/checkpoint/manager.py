@@ -50,7 +50,7 @@ from .records import (
     human_bytes,
 )
 from .retention import keep_last, to_delete
-from .storage import Shards
+from .storage import PendingShards, Shards
 
 logger = logging.getLogger("train_improved.checkpoint")
 
@@ -168,37 +168,40 @@ class CheckpointManager:
 
     def save(self, state: dict[str, Any], *, step: int, epoch: int | None = None,
              kinds: Kind | Iterable[Kind] = Kind.ROLLING, metrics: dict[str, float] | None = None,
-             meta: dict[str, Any] | None = None, verify: bool = True, shards: Shards | None = None) -> bool:
+             meta: dict[str, Any] | None = None, verify: bool = True, shards: Shards | PendingShards | None = None,
+             stall_before: float = 0.0) -> bool:
         """Save `state` as each of `kinds`; return whether a save was started.
 
         A BEST save happens only if `metrics` improve on the best so far. With `async_save` the call
         returns once the state is copied to staging buffers; `poll()` reports the outcome. `meta`
         (plain JSON) is stored in the footer, readable without loading the checkpoint.
         `verify=False` skips the read-back check (only for saves racing a deadline).
-        `shards` (sharded state written by every rank with `sharded.write_shards`) makes each
+        `shards` (sharded state written by every rank with `sharded.ShardWriter`) makes each
         checkpoint a directory holding them and `state`; the store owns and removes `shards.directory`.
+        `PendingShards` are still being written: the writer commits once they are durable.
+        `stall_before`: seconds the caller was already blocked preparing this save (staging its
+        shards), added to the recorded stall.
         """
         if self.read_only:
             raise CheckpointError("this checkpoint manager was opened read-only")
-        started = time.perf_counter()
+        started = time.perf_counter() - stall_before
         todo = [kinds] if isinstance(kinds, Kind) else list(dict.fromkeys(kinds))
         if Kind.BEST in todo and not self.is_improvement(metrics):
             todo.remove(Kind.BEST)
         if todo:
             self._wait_inflight()  # at most one save in flight: staging buffers are reused
         if not todo or not self._has_room(state, todo, step, shards):
-            if shards is not None:
+            if isinstance(shards, PendingShards):
+                self._writer().submit(self._discard, shards)  # still being written: delete it once done
+            elif shards is not None:
                 self._delete([shards.directory])
             return False
         if Kind.BEST in todo:
             self._best_value = (metrics or {})[self.options.metric]
         snapshot = self._stage(state) if self.options.async_save else state
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
-                                                initializer=_yield_cpu_to_training)
         stall = time.perf_counter() - started
-        self._inflight = self._executor.submit(self._commit, snapshot, step, epoch, todo, metrics, meta, stall,
-                                              verify, shards)
+        self._inflight = self._writer().submit(self._commit, snapshot, step, epoch, todo, metrics, meta, stall,
+                                               verify, shards)
         if not self.options.async_save:
             self._wait_inflight()
             for r in self._done:
@@ -210,6 +213,12 @@ class CheckpointManager:
         if not self.write_bandwidth or not self._last_file_bytes:
             return None
         return self._last_file_bytes / self.write_bandwidth
+
+    def _writer(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
+                                                initializer=_yield_cpu_to_training)
+        return self._executor
 
     def _stage(self, state: dict[str, Any]) -> dict[str, Any]:
         if self._staging is None:
@@ -250,21 +259,40 @@ class CheckpointManager:
 
     def _commit(self, snapshot: dict[str, Any], step: int, epoch: int | None, kinds: Sequence[Kind],
                 metrics: dict[str, float] | None, meta: dict[str, Any] | None, stall: float,
-                verify: bool = True, shards: Shards | None = None) -> list[SaveResult]:
+                verify: bool = True, shards: Shards | PendingShards | None = None) -> list[SaveResult]:
+        began = time.perf_counter()
         try:
-            return self._commit_each(snapshot, step, epoch, kinds, metrics, meta, stall, verify, shards)
+            if isinstance(shards, PendingShards):
+                try:
+                    shards = shards.wait()  # every rank's files are durable: part of this save's write_s
+                except CheckpointError as e:
+                    return [self._failed(kind, self._final_name(kind, step, epoch, datetime.now()), step, stall, e)
+                            for kind in kinds]
+            return self._commit_each(snapshot, step, epoch, kinds, metrics, meta, stall, verify, shards, began)
         finally:
             if shards is not None:
                 self._delete([shards.directory])  # every checkpoint directory holds its own links to them
 
+    def _discard(self, shards: PendingShards) -> None:
+        try:
+            shards.wait()
+        except CheckpointError:
+            pass  # a skipped save: its shards are deleted either way
+        self._delete([shards.directory])
+
+    def _failed(self, kind: Kind, name: str, step: int, stall: float, error: CheckpointError) -> SaveResult:
+        logger.warning("checkpoint %s was not saved: %s; earlier checkpoints are intact", name, error)
+        self._history({"event": "failed", "name": name, "kind": kind.value, "step": step, "error": str(error)})
+        return SaveResult(kind, name, step, stall_s=stall, error=str(error))
+
     def _commit_each(self, snapshot: dict[str, Any], step: int, epoch: int | None, kinds: Sequence[Kind],
                      metrics: dict[str, float] | None, meta: dict[str, Any] | None, stall: float,
-                     verify: bool, shards: Shards | None) -> list[SaveResult]:
+                     verify: bool, shards: Shards | None, began: float) -> list[SaveResult]:
         import torch
 
         results = []
         for kind in kinds:
-            started = time.perf_counter()
+            started = began if not results else time.perf_counter()
             now = datetime.now()
             name = self._final_name(kind, step, epoch, now)
             result = SaveResult(kind, name, step, stall_s=stall)
@@ -280,10 +308,7 @@ class CheckpointManager:
                 self._point_latest_to(self.directory / name, step, displaced)
             except CheckpointError as e:
                 self._delete(displaced)
-                result.error = str(e)
-                logger.warning("checkpoint %s was not saved: %s; earlier checkpoints are intact", name, e)
-                self._history({"event": "failed", "name": name, "kind": kind.value, "step": step, "error": str(e)})
-                results.append(result)
+                results.append(self._failed(kind, name, step, stall, e))
                 continue
             result.write_s = time.perf_counter() - started  # committed: durable, verified, latest points here
             deleted = self._prune(kind)
@@ -366,10 +391,12 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------------- disk space
 
-    def _has_room(self, state: dict[str, Any], kinds: Sequence[Kind], step: int, shards: Shards | None) -> bool:
+    def _has_room(self, state: dict[str, Any], kinds: Sequence[Kind], step: int,
+                  shards: Shards | PendingShards | None) -> bool:
         copies = sum(2 if k in (Kind.ROLLING, Kind.BEST) else 1 for k in kinds)
         # The last file written, else this state's tensors plus framing (and its shards).
-        per_file = self._last_file_bytes or _tensor_bytes(state) + (1 << 16) + (shards.bytes if shards else 0)
+        shard_bytes = shards.bytes if isinstance(shards, Shards) else shards.expected_bytes if shards else 0
+        per_file = self._last_file_bytes or _tensor_bytes(state) + (1 << 16) + shard_bytes
         needed = copies * per_file + self.options.min_free_bytes
         free = storage.free_bytes(self.directory)
         if free >= needed:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import pickle
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,15 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
-from .fileformat import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, hash_file
-from .storage import Shards, temp_path_for
+from .fileformat import (
+    CheckpointError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    describe_os_error,
+    hash_file,
+)
+from .storage import PendingShards, Shards, temp_path_for
 
 METADATA_FILE = ".metadata"
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -107,25 +115,132 @@ def staging_directory(checkpoint_dir: Path) -> Path:
     return temp_path_for(checkpoint_dir / "shards")
 
 
+def _writer(directory: Path) -> FileSystemWriter:
+    return FileSystemWriter(directory, single_file_per_rank=True, sync_files=True)
+
+
 def write_shards(directory: Path, state: dict[str, Any]) -> Shards:
     """Write `state` (tensors and DTensors only) with DCP into `directory`; every rank calls this.
 
     Returns every file written, with its size and xxh3-128 digest, on every rank. The files are
     fsynced; `directory` is a staging area that the store links into the final checkpoint.
+    The loop waits for all of it; `ShardWriter` does the same in the background.
+    """
+    world = _rank_and_world()[1]
+    error = None
+    try:
+        with _quiet_single_process():
+            dcp.save(state, storage_writer=_writer(directory), no_dist=world == 1)
+    except CheckpointException as e:  # a BaseException in DCP: catch it by name
+        error = f"writing the shards failed: {_first_failure(e)}"
+    return _digests(directory, None, error)
+
+
+def _first_failure(e: CheckpointException) -> str:
+    """One line for the first rank's failure (DCP keeps (exception, traceback) per failed rank)."""
+    failure = next(iter(e.failures.values()), e)
+    cause = failure[0] if isinstance(failure, tuple) else failure
+    text = describe_os_error(cause) if isinstance(cause, OSError) else f"{type(cause).__name__}: {cause}"
+    return text.splitlines()[0][:200] if text else type(cause).__name__
+
+
+def _digests(directory: Path, group: dist.ProcessGroup | None, error: str | None) -> Shards:
+    """Size and digest of every file in `directory`, on every rank (a collective on `group`).
+
+    Each rank reads back a share of the files: the digests are taken from what is on disk. Every
+    rank takes part even after a failure of its own (otherwise the others would wait forever),
+    and every rank raises CheckpointWriteError if any rank failed.
     """
     rank, world = _rank_and_world()
-    with _quiet_single_process():
-        dcp.save(state, storage_writer=FileSystemWriter(directory, single_file_per_rank=True, sync_files=True),
-                 no_dist=world == 1)
-    names = sorted(p.name for p in directory.iterdir() if p.is_file())
-    # Each rank reads back a share of the files: the digests are taken from what is on disk.
-    mine = {name: {"bytes": (directory / name).stat().st_size, "digest": hash_file(directory / name)}
-            for i, name in enumerate(names) if i % world == rank}
-    if world == 1:
-        return Shards(directory, mine)
-    everyone: list[dict[str, Any]] = [{} for _ in range(world)]
-    dist.all_gather_object(everyone, mine)
-    return Shards(directory, {k: v for part in everyone for k, v in part.items()})
+    mine: dict[str, Any] = {}
+    if error is None:
+        try:
+            names = sorted(p.name for p in directory.iterdir() if p.is_file())
+            mine = {name: {"bytes": (directory / name).stat().st_size, "digest": hash_file(directory / name)}
+                    for i, name in enumerate(names) if i % world == rank}
+        except OSError as e:
+            error = f"reading back the shards failed: {describe_os_error(e)}"
+    everyone: list[tuple[dict[str, Any], str | None]] = [(mine, error)]
+    if world > 1:
+        everyone = [({}, None) for _ in range(world)]
+        dist.all_gather_object(everyone, (mine, error), group=group)
+    failures = [f"rank {r}: {err}" for r, (_, err) in enumerate(everyone) if err]
+    if failures:
+        raise CheckpointWriteError("; ".join(failures))
+    return Shards(directory, {k: v for part, _ in everyone for k, v in part.items()})
+
+
+class ShardWriter:
+    """Writes this rank's shards in the background, so the loop waits only for a copy to host memory.
+
+    Every rank holds one and calls `start` at the same save points (a collective). DCP's
+    `async_save` copies the shards into host buffers that are kept and reused from save to save,
+    then writes them from a thread; the ranks then exchange digests, as `write_shards` does. Both
+    run on a process group of their own (gloo), so they never interleave with the training loop's
+    collectives. At most one write is in flight: `start` first waits for the previous one.
+    """
+
+    def __init__(self) -> None:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        world = _rank_and_world()[1]
+        self._group = dist.new_group(backend="gloo") if world > 1 else None  # collective: every rank, same order
+        cuda = torch.cuda.is_available()
+        self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                    use_async_staging=False, use_non_blocking_copy=cuda))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-digests")
+        self._pending: PendingShards | None = None
+
+    def start(self, directory: Path, state: dict[str, Any]) -> PendingShards:
+        """Copy `state`'s tensors to host memory and start writing them into `directory`."""
+        self.wait()
+        world = _rank_and_world()[1]
+        local = sum(_local_bytes(t) for part in state.values() for t in _tensors(part))
+        with _quiet_single_process():
+            upload = dcp.async_save(state, storage_writer=_writer(directory), process_group=self._group,
+                                    async_stager=self._stager, no_dist=world == 1)
+        self._pending = PendingShards(directory, local * world, self._executor.submit(self._finish, directory, upload))
+        return self._pending
+
+    def _finish(self, directory: Path, upload: Future) -> Shards:
+        error = None
+        try:
+            upload.result()
+        except CheckpointException as e:
+            error = f"writing the shards failed: {_first_failure(e)}"
+        except Exception as e:  # noqa: BLE001 - reported to every rank below, never lost
+            error = f"writing the shards failed: {e}"
+        return _digests(directory, self._group, error)
+
+    def wait(self) -> None:
+        """Block until the write in flight has finished on every rank (its failure is the store's to report)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.wait()
+            except CheckpointWriteError:
+                pass  # rank 0's store records it as a failed save; every rank got the same error
+
+    def close(self) -> None:
+        self.wait()
+        self._executor.shutdown(wait=True)
+        self._stager.close()
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
 
 
 def read_shards(directory: Path, state: dict[str, Any]) -> None:
@@ -139,9 +254,8 @@ def read_shards(directory: Path, state: dict[str, Any]) -> None:
         with _quiet_single_process():
             dcp.load(state, storage_reader=_SafeReader(directory), no_dist=_rank_and_world()[1] == 1)
     except CheckpointException as e:  # a BaseException in DCP: catch it by name
-        first = next(iter(e.failures.values()), e)
         raise CheckpointError(f"the sharded checkpoint {directory.name} does not fit this model and "
-                              f"optimizer: {str(first).splitlines()[0][:200]}") from None
+                              f"optimizer: {_first_failure(e)}") from None
 
 
 def load_model_state(directory: Path) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ import secrets
 import shutil
 import struct
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,22 @@ class Shards:
     @property
     def bytes(self) -> int:
         return sum(f["bytes"] for f in self.files.values())
+
+
+@dataclass(frozen=True)
+class PendingShards:
+    """Shards that every rank is still writing in the background; `wait()` returns them once durable.
+
+    `wait()` raises CheckpointWriteError if any rank failed. `expected_bytes` is an estimate for the
+    free-space check, made before the sizes are known.
+    """
+
+    directory: Path
+    expected_bytes: int
+    future: Future[Shards]
+
+    def wait(self) -> Shards:
+        return self.future.result()
 
 
 def temp_path_for(final: Path) -> Path:
