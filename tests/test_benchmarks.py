@@ -17,6 +17,7 @@ CASES = {
     "gpu_staging": ["--sizes", "4"],  # says "no CUDA device" on a machine without one
     "gpu_staging --device cpu": ["--sizes", "4", "--device", "cpu"],  # every step of the GPU check, on CPU
     "listing": ["--count", "3", "--large-mb", "1"],
+    "fsdp_stall": ["--n-layer", "1", "--n-embd", "32", "--steps", "4", "--every", "2"],  # 2 torchrun jobs
 }
 
 

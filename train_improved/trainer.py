@@ -119,6 +119,8 @@ class Trainer:
             raise ConfigError("--fsdp shards the model across processes: run it under torchrun with "
                               "--nproc_per_node 2 or more")
         self.model = parallel.wrap(self.raw_model, self.dist, fsdp=cfg.fsdp)
+        # Under --fsdp every rank writes its own shards, in the background: see _checkpoint.
+        self._shard_writer = sharded.ShardWriter() if cfg.fsdp else None
         if self.dist.enabled:
             torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, but each rank its own dropout
         # Checkpoints always hold the raw module's state_dict: no "_orig_mod." or "module." prefix.
@@ -331,6 +333,8 @@ class Trainer:
         return step > 0 and (step % self.cfg.eval_interval == 0 or step == self.total_steps)
 
     def _wait_for_saves(self) -> None:
+        if self._shard_writer is not None:
+            self._shard_writer.wait()  # this rank's shards; rank 0's store waits for everyone's
         if self.manager is not None:
             self._log_results(self.manager.wait_until_finished())
 
@@ -389,20 +393,22 @@ class Trainer:
     def _checkpoint(self, kinds: list[Kind], verify: bool = True) -> None:
         """Save the current state as `kinds`. Every rank calls this: gathering the state is collective.
 
-        Rank 0 hands the state to the store. Under --fsdp every rank first writes its shards with
-        DCP into a staging directory that rank 0 names; the store links them into each checkpoint.
+        Rank 0 hands the state to the store. Under --fsdp every rank first starts writing its
+        shards (DCP) into a staging directory that rank 0 names: the loop waits only for their copy
+        to host memory, and the store commits once every rank's files are durable.
         """
+        started = time.perf_counter()
         state = self.state_dict()
         shards = None
-        if self.cfg.fsdp:
+        if self._shard_writer is not None:
             tensors = {"model": state.pop("model"), "optimizer_state": state["optimizer"].pop("state")}
             state["sharded"] = True
             staging = sharded.staging_directory(Path(self.cfg.checkpoint_dir)) if self.dist.is_main else None
-            shards = sharded.write_shards(distributed.gather(self.dist, staging)[0], tensors)
+            shards = self._shard_writer.start(distributed.gather(self.dist, staging)[0], tensors)
         if self.manager is not None:
             self.manager.save(state, step=self.step, epoch=self.epoch_of(self.step), kinds=kinds,
                               metrics=self._metrics(), meta={"args": self.cfg.to_dict()}, verify=verify,
-                              shards=shards)
+                              shards=shards, stall_before=time.perf_counter() - started)
 
     def _log_results(self, results: list[SaveResult]) -> None:
         assert self.manager is not None
