@@ -1,13 +1,15 @@
 """Sharded state (FSDP2) through torch.distributed.checkpoint (DCP), under the store's rules.
 
-    shards = write_shards(staging_dir, {"model": msd, "optimizer_state": osd["state"]})  # every rank
-    manager.save(rest_of_state, step=..., shards=shards)                                  # rank 0
+    writer = ShardWriter()                                                          # every rank, once
+    shards = writer.start(staging_dir, {"model": msd, "optimizer_state": osd["state"]})  # every rank
+    manager.save(rest_of_state, step=..., shards=shards)                                # rank 0
     ...
-    read_shards(checkpoint_dir_path, template)                                            # every rank
+    read_shards(checkpoint_dir_path, template)                                          # every rank
 
 Every rank writes its own shard file with DCP (which fsyncs each file and writes `.metadata`
-last); then the ranks hash the files between them, so the store can record a digest of every
-file and commit the checkpoint directory only after all of them are durable. Tensors only: a
+last), in the background after a copy to host memory (`write_shards` does the same while the
+caller waits); then the ranks hash the files between them, so the store can record a digest of
+every file and commit the checkpoint directory only after all of them are durable. Tensors only: a
 DCP "bytes" entry is a pickle that DCP loads with `weights_only=False`, so such entries are never
 written and are refused on load.
 
