@@ -12,6 +12,7 @@ It knows nothing about models: a state is a dict of plain data and tensors. Byte
 `storage`; this module decides names, order, and what may be deleted.
 
 Commit order of one save (each line is durable before the next starts):
+  0. with shards still being written by every rank (PendingShards), wait until all are durable;
   1. the new file and its independent backup (rolling and best) are written in one serialization
      pass under temporary names, fsynced, read back and verified; then the file is renamed (and
      the directory fsynced), then the backup;
