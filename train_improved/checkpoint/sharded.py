@@ -210,8 +210,8 @@ class ShardWriter:
             upload.result()
         except CheckpointException as e:
             error = f"writing the shards failed: {_first_failure(e)}"
-        except Exception as e:  # noqa: BLE001 - reported to every rank below, never lost
-            error = f"writing the shards failed: {e}"
+        except Exception as e:  # noqa: BLE001 - a failed save, reported to every rank below and by the store
+            error = f"writing the shards failed: {type(e).__name__}: {e}"
         return _digests(directory, self._group, error)
 
     def wait(self) -> None:
