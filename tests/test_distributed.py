@@ -187,10 +187,11 @@ def kill_job(launcher: subprocess.Popen[bytes]) -> None:
 
 
 # ~37 MB of sharded state, saved every 3 steps: kills land in shard writes, commits and rotation.
+# 200 steps: with the shards written in the background a life trains faster, and 6 kills must land.
 HEAVY_FSDP = ["--data", "corpus.txt", "--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "32",
               "--batch-size", "4", "--mini-batch-size", "2", "--dropout", "0.1", "--eval-interval", "7",
               "--eval-steps", "2", "--checkpoint-freq", "3", "--keep-checkpoints", "2", "--sample-length", "0",
-              "--seed", "3", "--num-epochs", "100", "--max-steps", "100", "--fsdp"]
+              "--seed", "3", "--num-epochs", "100", "--max-steps", "200", "--fsdp"]
 FSDP_KILLS = 6
 
 
