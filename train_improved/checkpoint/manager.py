@@ -37,8 +37,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import fileformat, layout, storage
-from .fileformat import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from . import fallback, fileformat, layout, storage
+from .fileformat import CheckpointError
 from .layout import Family, Kind
 from .lock import DirectoryLock
 from .records import (
@@ -433,27 +433,11 @@ class CheckpointManager:
 
     def resolve(self, which: str | Path) -> Path:
         """Where `which` points: a bare name resolves inside the directory, a path-like one is taken as given."""
-        if isinstance(which, Path) or layout.is_explicit_path(which):
-            return Path(which).expanduser()
-        return self.directory / which
+        return fallback.resolve(self.directory, which)
 
     def candidates(self, which: str | Path) -> list[Path]:
         """Files to try, in order, for `which` = "latest", "best", a name or a path (see SPEC §5)."""
-        d = self.directory
-        if which == "best":
-            return [p for p in (d / layout.BEST, d / layout.BEST_BACKUP, d / layout.BEST_PREVIOUS) if p.exists()]
-        if which == "latest":
-            others = [i for i in self.all() if i.name != layout.LATEST]
-            # Newest state first, whatever its family: an independent rolling backup at a later step
-            # beats latest_backup.pt at an earlier one. Unreadable files go last, to be reported.
-            others.sort(key=lambda i: (i.ok, i.step or -1, i.saved_at or ""), reverse=True)
-            head = [d / layout.LATEST] if (d / layout.LATEST).exists() else []
-            return head + [i.path for i in others]
-        path = self.resolve(which)
-        if not path.exists():
-            where = "" if path.parent != d else f" in {d}"
-            raise CheckpointError(f"no checkpoint named {which}{where}")
-        return [path]
+        return fallback.candidates(self.directory, which, self.all() if which == "latest" else [])
 
     def restore(self, which: str | Path = "latest", map_location: Any = "cpu") -> tuple[dict[str, Any], CheckpointInfo]:
         """Load a verified state; fall back loudly along the chain of SPEC §5. Returns (state, info).
@@ -461,25 +445,11 @@ class CheckpointManager:
         Raises NoCheckpointError if there is nothing to restore and CheckpointError if every
         candidate fails verification.
         """
-        candidates = self.candidates(which)
-        if not candidates:
-            raise NoCheckpointError(f"no checkpoint to resume from in {self.directory}")
-        failures = []
-        for i, path in enumerate(candidates):
-            try:
-                state, footer = fileformat.load_checkpoint(path, map_location=map_location)
-            except (CorruptCheckpointError, UnsafeCheckpointError) as e:
-                failures.append(f"{path.name}: {e}")
-                nxt = f"; trying {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
-                logger.warning("%s failed verification: %s%s", path.name, e, nxt)
-                continue
-            if failures:
-                logger.warning("resuming from %s (step %s) instead of %s", path.name, footer.get("step"), candidates[0].name)
-            if path.parent == self.directory:
-                self.protect(path.name)
-            found = describe(path)
-            return state, CheckpointInfo(path.name, path, found.family, found.size, found.inode, footer)
-        raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(failures))
+        state, path, footer = fallback.load_first_valid(self.candidates(which), self.directory, map_location)
+        if path.parent == self.directory:
+            self.protect(path.name)  # retention must never delete the file this run resumed from
+        found = describe(path)
+        return state, CheckpointInfo(path.name, path, found.family, found.size, found.inode, footer)
 
 
 def _yield_cpu_to_training() -> None:
