@@ -224,3 +224,16 @@ def test_kill_dash_9_of_a_sharded_run_then_resume_is_exact(tmp_path: Path) -> No
     assert step_losses(vic / "runs" / "metrics.jsonl") == step_losses(ref / "runs" / "metrics.jsonl")
     ours, theirs = final_weights(vic), final_weights(ref)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_shard_write_failing_on_one_rank_reaches_every_rank_and_the_next_save_commits(tmp_path: Path) -> None:
+    worker = Path(__file__).parent / "shard_failure_worker.py"
+    proc = subprocess.run([*torchrun()[:-2], str(worker), str(tmp_path / "ck")], env=env(), capture_output=True,
+                          text=True, timeout=120)  # a hang fails here instead of blocking the suite
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    # DCP passes rank 1's failure to every rank; the store says it once, with the ranks that saw it.
+    assert any(line.startswith("step 1: ") and "1: writing the shards failed: Is a directory (EISDIR)" in line
+               for line in lines), proc.stdout
+    assert "step 2: committed" in lines and "latest step 2" in lines
+    assert not list((tmp_path / "ck").glob(".tmp-*"))

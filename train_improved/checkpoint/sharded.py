@@ -166,9 +166,13 @@ def _digests(directory: Path, group: dist.ProcessGroup | None, error: str | None
     if world > 1:
         everyone = [({}, None) for _ in range(world)]
         dist.all_gather_object(everyone, (mine, error), group=group)
-    failures = [f"rank {r}: {err}" for r, (_, err) in enumerate(everyone) if err]
-    if failures:
-        raise CheckpointWriteError("; ".join(failures))
+    by_error: dict[str, list[str]] = {}  # DCP reports one rank's failure on every rank: say it once
+    for r, (_, err) in enumerate(everyone):
+        if err:
+            by_error.setdefault(err, []).append(str(r))
+    if by_error:
+        raise CheckpointWriteError("; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}: {err}"
+                                             for err, ranks in by_error.items()))
     return Shards(directory, {k: v for part, _ in everyone for k, v in part.items()})
 
 
