@@ -8,7 +8,8 @@ import pytest
 
 from train_improved import config
 from train_improved.cli import _normalize_argv
-from train_improved.config import ConfigError, parse_duration, parse_size
+from train_improved.config import ConfigError, format_duration, parse_duration, parse_size
+from train_improved.overrides import Effect, classify
 
 
 def test_human_sizes_and_durations() -> None:
@@ -16,6 +17,8 @@ def test_human_sizes_and_durations() -> None:
     assert parse_size("500MiB") == 500 * 2**20
     assert parse_size(0) == 0 and parse_size("1.5k") == 1500
     assert parse_duration("24h") == 86400 and parse_duration("90m") == 5400 and parse_duration("30") == 30
+    assert [format_duration(s) for s in (86400, 5400, 90, 0.05)] == ["1d", "1.5h", "1.5m", "0.05s"]
+    assert all(parse_duration(format_duration(s)) == s for s in (86400, 5400, 90, 0.05, 7 * 86400))
     for bad in ("-1GB", "ten", "5XB"):
         with pytest.raises(ValueError):
             parse_size(bad)
@@ -60,3 +63,13 @@ def test_bad_toml_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "unknown.toml").write_text("learning_rate = 3")
     with pytest.raises(ConfigError, match="unknown option 'learning_rate'"):
         config.load_toml(tmp_path / "unknown.toml")
+
+
+def test_the_same_directory_spelled_two_ways_is_no_change(tmp_path: Path, monkeypatch) -> None:
+    # A resumed run carries its checkpoint directory as an absolute path; typing it relative is no change.
+    monkeypatch.chdir(tmp_path)
+    old = {"checkpoint_dir": str(tmp_path / "checkpoints"), "data": "corpus.txt", "lr": 1e-3}
+    same = {"checkpoint_dir": "checkpoints", "data": str(tmp_path / "corpus.txt"), "lr": 1e-3}
+    assert classify(old, same) == []
+    moved = classify(old, {**same, "checkpoint_dir": "elsewhere", "data": "other.txt"})
+    assert [(c.option, c.effect) for c in moved] == [("checkpoint_dir", Effect.HARMLESS), ("data", Effect.TRAJECTORY)]

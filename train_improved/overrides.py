@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -43,10 +44,20 @@ class Change:
         return "--" + self.option.replace("_", "-")
 
 
+PATH_OPTIONS = frozenset({"data", "checkpoint_dir", "log_dir", "metrics_file"})
+
+
+def _same(option: str, a: Any, b: Any) -> bool:
+    # `checkpoints` and the absolute path of the same directory are one directory, not a change.
+    if option in PATH_OPTIONS and isinstance(a, str) and isinstance(b, str):
+        return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+    return a == b
+
+
 def classify(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     """Every option whose value differs, with its effect; unknown options count as trajectory changes."""
     return [Change(k, old.get(k), new[k], EFFECTS.get(k, Effect.TRAJECTORY))
-            for k in new if k in old and old[k] != new[k]]
+            for k in new if k in old and not _same(k, old[k], new[k])]
 
 
 def incompatible(changes: list[Change]) -> list[Change]:
