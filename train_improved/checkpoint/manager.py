@@ -49,6 +49,7 @@ from .records import (
     describe,
     disk_usage,
     human_bytes,
+    tensor_bytes,
 )
 from .retention import keep_last, to_delete
 from .storage import PendingShards, Shards
@@ -397,7 +398,7 @@ class CheckpointManager:
         copies = sum(2 if k in (Kind.ROLLING, Kind.BEST) else 1 for k in kinds)
         # The last file written, else this state's tensors plus framing (and its shards).
         shard_bytes = shards.bytes if isinstance(shards, Shards) else shards.expected_bytes if shards else 0
-        per_file = self._last_file_bytes or _tensor_bytes(state) + (1 << 16) + shard_bytes
+        per_file = self._last_file_bytes or tensor_bytes(state) + (1 << 16) + shard_bytes
         needed = copies * per_file + self.options.min_free_bytes
         free = storage.free_bytes(self.directory)
         if free >= needed:
@@ -459,12 +460,3 @@ def _yield_cpu_to_training() -> None:
     except (AttributeError, OSError):
         pass  # not Linux, or not permitted: the writer just runs at normal priority
 
-
-def _tensor_bytes(obj: Any) -> int:
-    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
-        return obj.element_size() * obj.numel()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0

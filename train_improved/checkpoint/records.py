@@ -130,6 +130,20 @@ def disk_usage(infos: Iterable[CheckpointInfo]) -> dict[Family, int]:
     return usage
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested state (a DTensor counts its whole, unsharded size).
+
+    Duck-typed, so the store's read-only paths never import torch.
+    """
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return obj.element_size() * obj.numel()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

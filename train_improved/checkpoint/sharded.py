@@ -43,6 +43,7 @@ from .fileformat import (
     describe_os_error,
     hash_file,
 )
+from .records import tensor_bytes
 from .storage import PendingShards, Shards, temp_path_for
 
 METADATA_FILE = ".metadata"
@@ -200,12 +201,12 @@ class ShardWriter:
     def start(self, directory: Path, state: dict[str, Any]) -> PendingShards:
         """Copy `state`'s tensors to host memory and start writing them into `directory`."""
         self.wait()
-        world = _rank_and_world()[1]
-        local = sum(_local_bytes(t) for part in state.values() for t in _tensors(part))
         with _quiet_single_process():
             upload = dcp.async_save(state, storage_writer=_writer(directory), process_group=self._group,
-                                    async_stager=self._stager, no_dist=world == 1)
-        self._pending = PendingShards(directory, local * world, self._executor.submit(self._finish, directory, upload))
+                                    async_stager=self._stager, no_dist=_rank_and_world()[1] == 1)
+        # DTensors count their whole size: what all ranks write together.
+        finished = self._executor.submit(self._finish, directory, upload)
+        self._pending = PendingShards(directory, tensor_bytes(state), finished)
         return self._pending
 
     def _finish(self, directory: Path, upload: Future) -> Shards:
@@ -231,22 +232,6 @@ class ShardWriter:
         self.wait()
         self._executor.shutdown(wait=True)
         self._stager.close()
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
-def _local_bytes(t: torch.Tensor) -> int:
-    local = t.to_local() if hasattr(t, "to_local") else t
-    return local.numel() * local.element_size()
 
 
 def read_shards(directory: Path, state: dict[str, Any]) -> None:
