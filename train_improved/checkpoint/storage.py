@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -115,16 +116,17 @@ _WRITEBACK_CHUNK = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+def _libc_function(name: str) -> Any:
+    """A libc function by name (with errno), or None where this platform has none (not Linux, old libc)."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
     except (AttributeError, OSError):
-        return None  # not Linux: the final fsync does all the work
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
+        return None
 
 
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = _libc_function("sync_file_range")  # None: the final fsync does all the work
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -312,14 +314,7 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-def _load_renameat2() -> Callable[..., int] | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return None  # not Linux, or a libc older than 2.28
-
-
-_renameat2 = _load_renameat2()
+_renameat2 = _libc_function("renameat2")  # None: not Linux, or a libc older than 2.28
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -338,16 +333,21 @@ def copy_checkpoint(src: Path, final: Path) -> dict[str, Any]:
     """Atomically make `final` an independent copy (its own inodes) of `src`, verified like a write."""
     with _temporary_for(final, f"copy {src.name} to {final.name}") as tmp:
         if src.is_dir():
-            tmp.mkdir()
-            for f in sorted(src.iterdir()):
-                _copy_durably(f, tmp / f.name)
-            fsync_dir(tmp)
+            _mirror_directory(src, tmp, _copy_durably)
         else:
             _copy_durably(src, tmp)
         footer = verify_file(tmp, expected_digest=read_footer(src)["digest"])
         _replace(tmp, final)
         fsync_dir(final.parent)
     return footer
+
+
+def _mirror_directory(src: Path, dst: Path, put: Callable[[Path, Path], None]) -> None:
+    """Make `dst` a new directory holding each file of `src`, put there by `put` (a copy or a link)."""
+    dst.mkdir()
+    for f in sorted(src.iterdir()):
+        put(f, dst / f.name)
+    fsync_dir(dst)
 
 
 def link_checkpoint(src: Path, final: Path, displaced: list[Path] | None = None) -> None:
@@ -359,10 +359,7 @@ def link_checkpoint(src: Path, final: Path, displaced: list[Path] | None = None)
     with _temporary_for(final, f"link {src.name} to {final.name}") as tmp:
         try:
             if src.is_dir():
-                tmp.mkdir()
-                for f in sorted(src.iterdir()):
-                    os.link(f, tmp / f.name)
-                fsync_dir(tmp)
+                _mirror_directory(src, tmp, os.link)
             else:
                 os.link(src, tmp)
         except OSError as e:
@@ -392,8 +389,6 @@ def free_bytes(directory: Path) -> int:
 
 def append_line(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line durably (the history log)."""
-    import json
-
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
