@@ -60,7 +60,7 @@ def load_sharded(raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(raw_model, optimizer)  # the shapes and shardings wanted
-    tensors = {"model": model_state, "optimizer_state": optimizer_state["state"]}
+    tensors = sharded.split_tensors(model_state, optimizer_state)
     sharded.read_shards(path, tensors)
     set_state_dict(raw_model, optimizer, model_state_dict=tensors["model"],
                    optim_state_dict={"state": tensors["optimizer_state"], "param_groups": param_groups})

@@ -401,7 +401,7 @@ class Trainer:
         state = self.state_dict()
         shards = None
         if self._shard_writer is not None:
-            tensors = {"model": state.pop("model"), "optimizer_state": state["optimizer"].pop("state")}
+            tensors = sharded.split_tensors(state.pop("model"), state["optimizer"])
             state["sharded"] = True
             staging = sharded.staging_directory(Path(self.cfg.checkpoint_dir)) if self.dist.is_main else None
             shards = self._shard_writer.start(distributed.gather(self.dist, staging)[0], tensors)

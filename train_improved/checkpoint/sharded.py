@@ -1,7 +1,7 @@
 """Sharded state (FSDP2) through torch.distributed.checkpoint (DCP), under the store's rules.
 
     writer = ShardWriter()                                                          # every rank, once
-    shards = writer.start(staging_dir, {"model": msd, "optimizer_state": osd["state"]})  # every rank
+    shards = writer.start(staging_dir, split_tensors(msd, osd))                         # every rank
     manager.save(rest_of_state, step=..., shards=shards)                                # rank 0
     ...
     read_shards(checkpoint_dir_path, template)                                          # every rank
@@ -111,6 +111,15 @@ def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def split_tensors(model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """What a sharded checkpoint keeps in DCP: the model and the optimizer's per-parameter state.
+
+    Takes `optimizer_state["state"]` out; the rest of the optimizer state (hyperparameters, param
+    groups) stays for `state.pt`. `load_model_state` reads the "model" part back.
+    """
+    return {"model": model_state, "optimizer_state": optimizer_state.pop("state")}
 
 
 def staging_directory(checkpoint_dir: Path) -> Path:
