@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from train_improved.checkpoint import CheckpointManager, Kind
-from train_improved.checkpoint.sharded import ShardWriter, staging_directory
+from train_improved.checkpoint.sharded import ShardWriter
 
 
 def main(directory: Path) -> None:
@@ -23,7 +23,7 @@ def main(directory: Path) -> None:
     writer = ShardWriter()
     manager = CheckpointManager(directory) if rank == 0 else None
     for step in (1, 2):
-        staging = [staging_directory(directory) if rank == 0 else None]
+        staging = [manager.staging_directory() if manager is not None else None]
         dist.broadcast_object_list(staging)
         if step == 1 and rank == 0:
             (staging[0] / "__1_0.distcp").mkdir(parents=True)  # rank 1 cannot create its shard file

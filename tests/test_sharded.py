@@ -28,7 +28,6 @@ from train_improved.checkpoint.sharded import (
     ShardWriter,
     load_model_state,
     read_shards,
-    staging_directory,
     write_shards,
 )
 
@@ -40,7 +39,7 @@ def tensors(step: int) -> dict:
 
 
 def save(m: CheckpointManager, step: int, kinds: list[Kind], metrics: dict | None = None) -> None:
-    shards = write_shards(staging_directory(m.directory), tensors(step))
+    shards = write_shards(m.staging_directory(), tensors(step))
     m.save({"step": step, "sharded": True, "rest": torch.tensor([step])}, step=step, kinds=kinds,
            metrics=metrics, shards=shards)
 
@@ -218,7 +217,7 @@ def test_shards_written_in_the_background_are_committed_and_restored(tmp_path: P
     try:
         with CheckpointManager(d, CheckpointOptions(keep_rolling=2)) as m:
             for step in (1, 2, 3):
-                pending = writer.start(staging_directory(d), tensors(step))
+                pending = writer.start(m.staging_directory(), tensors(step))
                 m.save({"step": step, "sharded": True}, step=step, kinds=[Kind.ROLLING], shards=pending)
             results = m.wait_until_finished()
             state, info = m.restore("latest")

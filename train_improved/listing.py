@@ -1,7 +1,9 @@
 """`train --list-checkpoints`: the store at a glance, from footers only (no torch, no tensors).
 
-Exit code: 0 when every listed file is readable (and, with --verify, checks out); 1 when the
-directory is missing or any checkpoint is damaged, so monitoring scripts can alert on it.
+Exit code: 0 when every listed file is readable (and, with --verify, checks out and loads); 1 when
+the directory is missing or any checkpoint is damaged, so monitoring scripts can alert on it. A file
+that failed verification when a run tried to resume from it (recorded in history.jsonl) shows as
+damaged without --verify too.
 """
 
 from __future__ import annotations
@@ -17,17 +19,19 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .checkpoint import CheckpointError, CheckpointManager, Family, verify_file
-from .checkpoint.layout import BACKUP_NAMES, HISTORY
+from .checkpoint import CheckpointError, CheckpointManager, Family, load_checkpoint, verify_file
+from .checkpoint.fallback import current_line
+from .checkpoint.layout import BACKUP_NAMES, HISTORY, LATEST
+from .checkpoint.lineage import Line
 from .checkpoint.records import CheckpointInfo, human_bytes
 
 _TITLES = {Family.LATEST: "Latest", Family.BEST: "Best", Family.ROLLING: "Rolling",
            Family.EMERGENCY: "Emergency", Family.EPOCH: "Epoch"}
 
 
-def _save_times(directory: Path) -> dict[tuple[str, str], float]:
-    """(original name, saved_at) -> write seconds, from the history log."""
-    times = {}
+def _history(directory: Path) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str | None], dict[str, Any]]]:
+    """From the history log: (original name, saved_at) -> write seconds, and (name, digest) -> failed verification."""
+    times, failures = {}, {}
     try:
         with open(directory / HISTORY, encoding="utf-8") as f:
             for line in f:
@@ -37,33 +41,54 @@ def _save_times(directory: Path) -> dict[tuple[str, str], float]:
                     continue  # a line cut by a crash; the rest of the log is still good
                 if rec.get("event") == "save":
                     times[(rec.get("name"), rec.get("saved_at"))] = rec.get("write_s")
+                elif rec.get("event") == "verify_failed":
+                    failures[(rec.get("name"), rec.get("digest"))] = rec
     except FileNotFoundError:
         pass
-    return times
+    return times, failures
 
 
-def _row(info: CheckpointInfo, times: dict[tuple[str, str], float], verify: bool) -> dict[str, Any]:
+def _row(info: CheckpointInfo, times: dict[tuple[str, str], float],
+         failures: dict[tuple[str, str | None], dict[str, Any]], verify: bool, line: Line | None,
+         latest: CheckpointInfo | None) -> dict[str, Any]:
     status = "ok" if info.ok else f"BAD: {info.error}"
+    failed = failures.get((info.name, info.meta.get("digest")))
+    if info.ok and failed is not None:  # the same file failed a verification (a resume fell back from it)
+        when = datetime.fromtimestamp(failed.get("time", 0)).strftime("%Y-%m-%d %H:%M")
+        status = f"BAD: failed verification at {when}: {failed.get('error')}"
     if info.ok and verify:
         try:
             verify_file(info.path)
+            load_checkpoint(info.path, map_location="meta", shards=False, verify=False)  # loadable, not just intact
             status = "verified"
         except CheckpointError as e:
             status = f"BAD: {e}"
     origin = info.meta.get("name")
+    notes = []
+    if info.family is Family.LATEST and origin and origin != info.name:
+        notes.append(f"= {origin}")
+    if info.ok and line is not None and not line.holds(info.meta):
+        notes.append("other line")  # left behind when a run resumed from an earlier step
+    if (info.ok and latest is not None and latest.ok and info.family is not Family.LATEST
+            and (info.step or -1) > (latest.step or -1) and (line is None or line.holds(info.meta))):
+        notes.append(f"newer than {LATEST}")  # a kill between its commit and latest's move: resume takes it
+    eval_step = info.meta.get("eval_step")
     return {
         "name": info.name, "family": info.family.value, "kind": info.kind, "step": info.step,
-        "epoch": info.epoch, "val_loss": info.metrics.get("val_loss"), "bytes": info.size,
+        "epoch": info.epoch, "val_loss": info.metrics.get("val_loss"),
+        "val_loss_step": eval_step if isinstance(eval_step, int) else info.step, "bytes": info.size,
         "saved_at": info.saved_at, "write_s": times.get((origin, info.saved_at)),
-        "backup": info.name in BACKUP_NAMES, "same_as": origin if origin and origin != info.name else None,
-        "status": status,
+        "backup": info.name in BACKUP_NAMES, "notes": notes, "status": status,
     }
 
 
 def collect(directory: Path, verify: bool = False) -> dict[str, Any]:
     manager = CheckpointManager(directory, read_only=True)
-    times = _save_times(directory)
-    rows = [_row(i, times, verify) for i in manager.all()]
+    times, failures = _history(directory)
+    infos = manager.all()
+    line = current_line(infos)
+    latest = next((i for i in infos if i.name == LATEST), None)
+    rows = [_row(i, times, failures, verify, line, latest) for i in infos]
     usage = manager.usage_by_family()
     return {
         "directory": str(directory.resolve()),
@@ -94,22 +119,12 @@ def list_checkpoints(directory: Path, *, as_json: bool = False, verify: bool = F
         return 0
     for family, title in _TITLES.items():
         rows = [r for r in data["checkpoints"] if r["family"] == family.value]
-        if not rows:
-            continue
-        table = Table(title=f"{title} ({human_bytes(data['storage_bytes'][family.value])})", title_justify="left")
-        names = [r["name"] + _note(r) for r in rows]
-        table.add_column("file", no_wrap=True, min_width=max(len(n) for n in names))
-        for col, justify in (("step", "right"), ("epoch", "right"), ("val_loss", "right"),
-                             ("size", "right"), ("saved", "left"), ("write", "right"), ("status", "left")):
-            table.add_column(col, justify=justify)  # type: ignore[arg-type]
-        for r, name in zip(rows, names, strict=True):
-            status = f"[red]{r['status']}[/]" if r["status"].startswith("BAD") else f"[green]{r['status']}[/]"
-            table.add_row(
-                name, _fmt(r["step"]), _fmt(r["epoch"]),
-                f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-", human_bytes(r["bytes"]),
-                _when(r["saved_at"]), f"{r['write_s']:.2f}s" if r["write_s"] is not None else "-", status,
-            )
-        console.print(table)
+        if rows:
+            terminal = console.width
+            table, console.width = _table(f"{title} ({human_bytes(data['storage_bytes'][family.value])})", rows,
+                                          terminal)
+            console.print(table)
+            console.width = terminal
     parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in data["storage_bytes"].items() if v)
     console.print(f"storage: {parts}; total {human_bytes(data['total_bytes'])} "
                   f"(hard links counted once); free {human_bytes(data['free_bytes'])}", highlight=False)
@@ -118,8 +133,53 @@ def list_checkpoints(directory: Path, *, as_json: bool = False, verify: bool = F
     return 1 if bad else 0
 
 
+_COLUMNS = (("file", "left"), ("step", "right"), ("epoch", "right"), ("val_loss", "right"), ("size", "right"),
+            ("saved", "left"), ("write", "right"))
+_DROPPABLE = ("write", "saved", "epoch", "size")  # left out, in this order, where the terminal is too narrow
+
+
+def _table(title: str, rows: list[dict[str, Any]], width: int) -> tuple[Table, int]:
+    """Names and numbers are never cut: a narrow terminal loses whole columns first, then the status folds.
+
+    Returns the table and the width to print it at (wider than the terminal only if even the
+    narrowest table does not fit: the terminal then wraps lines, which cuts nothing).
+    """
+    cells = [{"file": r["name"] + _note(r), "step": _fmt(r["step"]), "epoch": _fmt(r["epoch"]),
+              "val_loss": _val_loss(r), "size": human_bytes(r["bytes"]), "saved": _when(r["saved_at"]),
+              "write": f"{r['write_s']:.2f}s" if r["write_s"] is not None else "-"} for r in rows]
+    widths = {col: max(len(col), *(len(c[col]) for c in cells)) for col, _ in _COLUMNS}
+    columns = list(_COLUMNS)
+
+    def needed() -> int:
+        return sum(widths[c] + 3 for c, _ in columns) + 14  # borders, padding, and a status of ten
+
+    for drop in _DROPPABLE:
+        if needed() <= width:
+            break
+        columns = [c for c in columns if c[0] != drop]
+    table = Table(title=title, title_justify="left")
+    for col, justify in columns:
+        table.add_column(col, justify=justify, no_wrap=True, min_width=widths[col])  # type: ignore[arg-type]
+    # The status gets what is left (at least ten columns), so rich never has to squeeze the others.
+    statuses = [len(r["status"]) + 30 for r in rows]
+    table.add_column("status", overflow="fold", width=max(10, min(max(statuses), width - needed() + 10)))
+    for r, c in zip(rows, cells, strict=True):
+        same = next((n for n in r["notes"] if n.startswith("=")), "")
+        status = f"[red]{r['status']}[/]" if r["status"].startswith("BAD") else f"[green]{r['status']}[/]"
+        table.add_row(*(c[col] for col, _ in columns), status + (f" ({same})" if same else ""))
+    return table, max(width, needed())
+
+
 def _note(row: dict[str, Any]) -> str:
-    return " (backup)" if row["backup"] else (f" = {row['same_as']}" if row["same_as"] else "")
+    notes = (["backup"] if row["backup"] else []) + [n for n in row["notes"] if not n.startswith("=")]
+    return f" ({', '.join(notes)})" if notes else ""
+
+
+def _val_loss(row: dict[str, Any]) -> str:
+    if row["val_loss"] is None:
+        return "-"
+    at = row["val_loss_step"]
+    return f"{row['val_loss']:.4f}" + (f" @{at}" if at is not None and at != row["step"] else "")
 
 
 def _fmt(v: Any) -> str:

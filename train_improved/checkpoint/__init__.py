@@ -1,8 +1,9 @@
 """The checkpoint store: public API (documented in CHECKPOINTING.md).
 
-    from train_improved.checkpoint import CheckpointManager, CheckpointOptions, Kind
+    from train_improved.checkpoint import CheckpointManager, CheckpointOptions, GracefulStop, Kind
 """
 
+from ..signals import GracefulStop
 from .fileformat import (
     CheckpointError,
     CheckpointWriteError,
@@ -15,8 +16,10 @@ from .fileformat import (
 from .layout import Family, Kind
 from .manager import CheckpointManager
 from .records import CheckpointInfo, CheckpointOptions, NoCheckpointError, SaveResult, describe
+from .validation import RESERVED_META_KEYS
 
 __all__ = [
+    "RESERVED_META_KEYS",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointManager",
@@ -24,6 +27,7 @@ __all__ = [
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "Family",
+    "GracefulStop",
     "Kind",
     "NoCheckpointError",
     "SaveResult",

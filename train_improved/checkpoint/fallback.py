@@ -1,20 +1,36 @@
 """The fallback chain of SPEC §5: which files to try for a resume, in order, and loading the first good one.
 
 Pure choice plus verified loading: no writes, no lock. The manager adds what it owns (protecting
-the file it resumed from against retention).
+the file it resumed from against retention, recording failed verifications in its history).
+
+For "latest" the chain is the current line of training first (see `lineage`), newest step first,
+then any other line, said loudly. The current line is that of the checkpoint saved last. So a
+file committed just before a kill, whose save never got to move latest.pt, is found; and after a
+run went back to an older step, the abandoned branch is never taken for the newest state.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from . import fileformat, layout
 from .fileformat import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from .lineage import Line
 from .records import CheckpointInfo, NoCheckpointError
 
 logger = logging.getLogger("train_improved.checkpoint")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: Path
+    step: int | None = None
+    note: str = ""  # why this one is tried, when that needs saying (another line, newer than latest)
 
 
 def resolve(directory: Path, which: str | Path) -> Path:
@@ -24,47 +40,97 @@ def resolve(directory: Path, which: str | Path) -> Path:
     return directory / which
 
 
-def candidates(directory: Path, which: str | Path, checkpoints: list[CheckpointInfo]) -> list[Path]:
+def saved_time(info: CheckpointInfo) -> datetime:
+    try:
+        return datetime.fromisoformat(info.saved_at or "")
+    except ValueError:
+        return datetime.min.replace(tzinfo=datetime.now().astimezone().tzinfo)
+
+
+def current_line(checkpoints: list[CheckpointInfo]) -> Line | None:
+    """The line of the checkpoint saved last (readable ones only); None if it predates lineage."""
+    readable = [i for i in checkpoints if i.ok]
+    if not readable:
+        return None
+    return Line.of(max(readable, key=lambda i: (saved_time(i), i.step or -1)).meta)
+
+
+def candidates(directory: Path, which: str | Path, checkpoints: list[CheckpointInfo]) -> list[Candidate]:
     """Files to try, in order, for `which` = "latest", "best", a name or a path.
 
     `checkpoints` is what the directory holds (the manager's `all()`), used for "latest".
     """
     d = directory
     if which == "best":
-        return [p for p in (d / layout.BEST, d / layout.BEST_BACKUP, d / layout.BEST_PREVIOUS) if p.exists()]
+        return [Candidate(p) for p in (d / layout.BEST, d / layout.BEST_BACKUP, d / layout.BEST_PREVIOUS)
+                if p.exists()]
     if which == "latest":
-        others = [i for i in checkpoints if i.name != layout.LATEST]
-        # Newest state first, whatever its family: an independent rolling backup at a later step
-        # beats latest_backup.pt at an earlier one. Unreadable files go last, to be reported.
-        others.sort(key=lambda i: (i.ok, i.step or -1, i.saved_at or ""), reverse=True)
-        head = [d / layout.LATEST] if (d / layout.LATEST).exists() else []
-        return head + [i.path for i in others]
+        return _latest_chain(d, checkpoints)
     path = resolve(d, which)
     if not path.exists():
         where = "" if path.parent != d else f" in {d}"
         raise CheckpointError(f"no checkpoint named {which}{where}")
-    return [path]
+    return [Candidate(path)]
 
 
-def load_first_valid(paths: list[Path], directory: Path, map_location: Any = "cpu"
+def _latest_chain(d: Path, checkpoints: list[CheckpointInfo]) -> list[Candidate]:
+    line = current_line(checkpoints)
+    latest = next((i for i in checkpoints if i.name == layout.LATEST), None)
+
+    def order(i: CheckpointInfo) -> tuple[Any, ...]:  # newest step; at one step latest.pt, then originals
+        return (i.step or -1, i.name == layout.LATEST, i.name not in layout.BACKUP_NAMES, saved_time(i))
+
+    readable = sorted((i for i in checkpoints if i.ok), key=order, reverse=True)
+    on = [i for i in readable if line is None or line.holds(i.meta)]
+    off = [i for i in readable if i not in on]
+    chain = []
+    if latest is not None and not latest.ok:
+        chain.append(Candidate(latest.path))  # tried first so that its damage is reported by name
+    for i in on:
+        note = ""
+        if latest is not None and latest.ok and i.name != layout.LATEST and (i.step or -1) > (latest.step or -1):
+            note = (f"newer than {layout.LATEST} (step {latest.step}): the run stopped after committing it, "
+                    f"before {layout.LATEST} was moved")
+        chain.append(Candidate(i.path, i.step, note))
+    for i in off:
+        where = line.describe(i.meta) if line else "another run"
+        chain.append(Candidate(i.path, i.step, f"from another line of training ({where}), abandoned when a run "
+                                               "resumed from an earlier step"))
+    chain += [Candidate(i.path) for i in checkpoints if not i.ok and i is not latest]
+    return chain
+
+
+def load_first_valid(chain: list[Candidate], directory: Path, map_location: Any = "cpu",
+                     on_failure: Callable[[Path, str], None] | None = None, safe_globals: list[Any] | None = None
                      ) -> tuple[dict[str, Any], Path, dict[str, Any]]:
-    """Load the first of `paths` that verifies, saying loudly why each one before it failed.
+    """Load the first candidate that verifies, saying loudly why each one before it failed.
 
-    Returns (state, path, footer). Raises NoCheckpointError if `paths` is empty and
-    CheckpointError, listing every file and why, if none verifies.
+    Returns (state, path, footer). Raises NoCheckpointError if `chain` is empty and
+    CheckpointError, a summary line then every file and why, if none verifies. `on_failure(path,
+    reason)` is told of each file that failed verification.
     """
-    if not paths:
+    if not chain:
         raise NoCheckpointError(f"no checkpoint to resume from in {directory}")
     failures = []
-    for i, path in enumerate(paths):
+    for i, candidate in enumerate(chain):
+        path = candidate.path
         try:
-            state, footer = fileformat.load_checkpoint(path, map_location=map_location)
+            state, footer = fileformat.load_checkpoint(path, map_location=map_location, safe_globals=safe_globals)
         except (CorruptCheckpointError, UnsafeCheckpointError) as e:
-            failures.append(f"{path.name}: {e}")
-            nxt = f"; trying {paths[i + 1].name}" if i + 1 < len(paths) else ""
+            failures.append(f"  {path.name}: {e}")
+            if on_failure is not None:
+                on_failure(path, str(e))
+            nxt = f"; trying {chain[i + 1].path.name}" if i + 1 < len(chain) else ""
             logger.warning("%s failed verification: %s%s", path.name, e, nxt)
             continue
-        if failures:
-            logger.warning("resuming from %s (step %s) instead of %s", path.name, footer.get("step"), paths[0].name)
+        if candidate.note and "another line" in candidate.note:
+            logger.warning("no valid checkpoint on the current line of training: resuming from %s (step %s), %s",
+                           path.name, footer.get("step"), candidate.note)
+        elif candidate.note:
+            logger.warning("resuming from %s (step %s), %s", path.name, footer.get("step"), candidate.note)
+        elif failures:
+            logger.warning("resuming from %s (step %s) instead of %s", path.name, footer.get("step"),
+                           chain[0].path.name)
         return state, path, footer
-    raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(failures))
+    raise CheckpointError(f"no valid checkpoint to resume from in {directory}: all {len(failures)} failed "
+                          "verification:\n" + "\n".join(failures))

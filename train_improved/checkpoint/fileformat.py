@@ -231,13 +231,15 @@ def _verify_shards(open_member: Callable[[str], BinaryIO], meta: dict[str, Any])
                 raise CorruptCheckpointError(f"shard file {name}: checksum mismatch")
 
 
-def load_checkpoint(path: Path, map_location: Any = "cpu", *, shards: bool = True
-                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(path: Path, map_location: Any = "cpu", *, shards: bool = True,
+                    safe_globals: list[Any] | None = None, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """Verify, then load with `weights_only=True` only. Returns (state, footer).
 
     For a sharded checkpoint this loads `state.pt` (everything but the sharded tensors, which
     `sharded.read_shards` loads on every rank). A payload that needs arbitrary code to unpickle
-    raises UnsafeCheckpointError; there is no fallback to unsafe loading.
+    raises UnsafeCheckpointError; there is no fallback to unsafe loading. `safe_globals` are
+    classes the caller deliberately allows (`torch.serialization.safe_globals`). `verify=False`
+    skips the digest check, for a caller that has just made it (the lister's --verify).
     """
     import pickle
 
@@ -246,8 +248,12 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", *, shards: bool = Tru
     sharded = path.is_dir()
 
     def read(open_member: Callable[[str], BinaryIO]) -> tuple[Any, dict[str, Any]]:
-        meta = _verify(open_member, sharded, None, shards)
-        with _open_state(open_member, sharded) as f:
+        if verify:
+            meta = _verify(open_member, sharded, None, shards)
+        else:
+            with _open_state(open_member, sharded) as f:
+                meta = _read_footer(f, os.fstat(f.fileno()).st_size)
+        with _open_state(open_member, sharded) as f, torch.serialization.safe_globals(list(safe_globals or [])):
             return torch.load(f, map_location=map_location, weights_only=True), meta
 
     try:

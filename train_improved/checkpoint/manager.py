@@ -9,15 +9,19 @@
                 ckpt.save(my_state(), step=step, kinds=Kind.ROLLING)
 
 It knows nothing about models: a state is a dict of plain data and tensors. Bytes go through
-`storage`; this module decides names, order, and what may be deleted.
+`storage`; this module decides names, order, and what may be deleted. `save()` checks everything
+it is given in the caller's thread (see `validation`), so a mistake raises where it is made.
 
 Commit order of one save (each line is durable before the next starts):
   0. with shards still being written by every rank (PendingShards), wait until all are durable;
   1. the new file and its independent backup (rolling and best) are written in one serialization
      pass under temporary names, fsynced, read back and verified; then the file is renamed (and
-     the directory fsynced), then the backup;
-  2. latest_backup.pt becomes the old latest (a hard link), then latest.pt the new file: the
-     save is committed (its `write_s` ends);
+     the directory fsynced): **the save is committed**; then the backup is renamed. For a best,
+     the old best_model.pt was first linked under a temporary name, which only now becomes
+     best_model_previous.pt, so a failed best save changes nothing;
+  2. latest_backup.pt becomes the old latest (a hard link, when it is on this run's line of
+     training), then latest.pt the new file (`write_s` ends). A kill between 1 and 2 leaves a
+     committed file newer than latest.pt: `restore("latest")` takes the newest on the line;
   3. retention deletes what its family's policy drops, never a protected or foreign file, and the
      files the renames replaced (kept under temporary names until now) are deleted (`cleanup_s`);
   4. one line is appended to history.jsonl.
@@ -40,6 +44,7 @@ from typing import Any
 from . import fallback, fileformat, layout, storage
 from .fileformat import CheckpointError
 from .layout import Family, Kind
+from .lineage import Line, new_run_id
 from .lock import DirectoryLock
 from .records import (
     CheckpointInfo,
@@ -53,23 +58,27 @@ from .records import (
 )
 from .retention import keep_last, to_delete
 from .storage import PendingShards, Shards
+from .validation import check_meta, check_plain_data, clean_metrics
 
 logger = logging.getLogger("train_improved.checkpoint")
+_SPACE_PRIORITY = (Kind.EMERGENCY, Kind.ROLLING, Kind.EPOCH, Kind.BEST)  # who gets the disk when it is short
 
 
 class CheckpointManager:
     """Saves, rotates and restores the checkpoints of one directory. See the module docstring.
 
     A writing manager holds an exclusive lock on the directory for its lifetime; pass
-    `read_only=True` to inspect or restore without it (the lister, tools, non-zero ranks).
+    `read_only=True` to inspect or restore without it (the lister, tools, non-zero ranks). A
+    read-only manager on a directory that does not exist yet sees no checkpoints.
     """
 
     def __init__(self, directory: str | Path, options: CheckpointOptions | None = None,
                  *, read_only: bool = False) -> None:
         self.directory = Path(directory)
-        self.options = options or CheckpointOptions()
+        self._options = options or CheckpointOptions()
         self.read_only = read_only
         self._protected: set[str] = set()
+        self._live: set[Path] = set()  # staging directories handed out whose save is not finished
         self._lock: DirectoryLock | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[list[SaveResult]] | None = None
@@ -78,12 +87,15 @@ class CheckpointManager:
         self._last_file_bytes: int | None = None
         self.write_bandwidth: float | None = None  # bytes/s of the last committed save, all work included
         self._staging: Any = None
-        if read_only:
-            if not self.directory.is_dir():
-                raise NoCheckpointError(f"checkpoint directory {self.directory} does not exist")
-        else:
+        self._line = Line(new_run_id())  # this run's line of training; a restore continues another's
+        self._parent: dict[str, Any] | None = None  # the checkpoint restored from, recorded in every footer
+        self._parent_path: Path | None = None
+        self._resumed: dict[str, Any] | None = None  # its footer, which seeds best tracking
+        self._best: tuple[float, int] | None = None  # committed best (value, step) of options.metric
+        self._pending_best: tuple[float, int] | None = None  # a best save in flight
+        if not read_only:
             self._open_for_writing()
-        self._best_value = self._read_best_value()
+        self._seed_best()
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -93,15 +105,16 @@ class CheckpointManager:
             logger.warning("removed %d temporary file(s) left by an interrupted save in %s", len(removed),
                            self.directory)
 
-    def close(self) -> None:
-        """Wait for the save in flight, then release the directory."""
+    def close(self) -> list[SaveResult]:
+        """Wait for the save in flight, release the directory, and return the results not yet polled."""
         if self._executor is not None:
-            self.wait_until_finished()
+            self._wait_inflight()
             self._executor.shutdown(wait=True)
             self._executor = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        return self.poll()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -109,19 +122,36 @@ class CheckpointManager:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def options(self) -> CheckpointOptions:
+        return self._options
+
+    @options.setter
+    def options(self, options: CheckpointOptions) -> None:
+        """New options apply from the next save; a changed metric or mode re-seeds best tracking."""
+        self._options = options
+        self._seed_best()
+
     # ----------------------------------------------------------------------------- queries
 
     def all(self) -> list[CheckpointInfo]:
         """Every checkpoint file of the directory (valid or not), oldest step first. Reads footers only."""
         if not self.directory.is_dir():
             return []
-        infos = [describe(p) for p in self.directory.iterdir()
-                 if p.suffix == layout.SUFFIX and layout.parse_name(p.name) and not p.is_symlink()]
+        infos = []
+        for p in self.directory.iterdir():
+            if p.suffix == layout.SUFFIX and layout.parse_name(p.name) and not p.is_symlink():
+                try:
+                    infos.append(describe(p))
+                except FileNotFoundError:
+                    continue  # pruned by the writer between listing and reading: it is gone
         return sorted(infos, key=lambda i: (i.step if i.step is not None else -1, i.saved_at or "", i.name))
 
     def _named(self, name: str) -> CheckpointInfo | None:
-        path = self.directory / name
-        return describe(path) if path.exists() else None
+        try:
+            return describe(self.directory / name)
+        except FileNotFoundError:
+            return None
 
     def latest(self) -> CheckpointInfo | None:
         """latest.pt, or None if the directory holds no checkpoint yet."""
@@ -141,26 +171,57 @@ class CheckpointManager:
         every = self.options.save_every
         return every is not None and step > 0 and step % every == 0
 
+    def on_current_line(self, info: CheckpointInfo) -> bool:
+        """Whether a checkpoint belongs to the line of training this manager continues (see `lineage`)."""
+        return self._line.holds(info.meta)
+
+    @property
+    def run_id(self) -> str:
+        """This manager's run, recorded in every footer it writes (`lineage`)."""
+        return self._line.run
+
+    # ----------------------------------------------------------------------------- best tracking
+
     @property
     def best_value(self) -> float | None:
-        """The best value of `options.metric` saved so far (survives restarts), or None."""
-        return self._best_value
+        """The best committed value of `options.metric` on this line of training, or None."""
+        return self._best[0] if self._best else None
 
-    def is_improvement(self, metrics: dict[str, float] | None) -> bool:
-        """Whether these metrics would make a new best_model.pt."""
+    def is_improvement(self, metrics: dict[str, Any] | None) -> bool:
+        """Whether these metrics would make a new best_model.pt (False if `options.metric` is missing or NaN)."""
         value = (metrics or {}).get(self.options.metric)
-        if value is None or math.isnan(value):
+        if hasattr(value, "item"):
+            value = value.item()
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             return False
-        if self._best_value is None:
+        best = self._pending_best or self._best
+        if best is None:
             return True
-        return value < self._best_value if self.options.mode == "min" else value > self._best_value
+        return value < best[0] if self.options.mode == "min" else value > best[0]
 
-    def _read_best_value(self) -> float | None:
-        for name in (layout.BEST, layout.BEST_BACKUP):
-            info = self._named(name)
-            if info is not None and info.ok:
-                return info.metrics.get(self.options.metric)
-        return None
+    def _seed_best(self) -> None:
+        """The best so far: from the restored checkpoint's own record, else from best_model.pt.
+
+        A record kept for another metric or mode does not count: best tracking starts again.
+        """
+        self._pending_best = None
+        metric, mode = self.options.metric, self.options.mode
+        footers = [self._resumed] if self._resumed is not None else []
+        footers += [i.meta for i in (self._named(layout.BEST), self._named(layout.BEST_BACKUP)) if i and i.ok]
+        for meta in footers:
+            record = meta.get("best")
+            if isinstance(record, dict):
+                same = record.get("metric") == metric and record.get("mode") == mode
+                if not same and meta is self._resumed:
+                    logger.info("best tracking starts again: the checkpoint tracked %s (%s), this run %s (%s)",
+                                record.get("metric"), record.get("mode"), metric, mode)
+                value = record.get("value")
+                self._best = (float(value), int(record.get("step") or 0)) if same and value is not None else None
+                return
+            if meta is not self._resumed and metric in meta.get("metrics", {}):
+                self._best = (meta["metrics"][metric], meta.get("step") or 0)  # a file from before best records
+                return
+        self._best = None
 
     def protect(self, name: str) -> None:
         """Never delete `name` during this manager's life (the file being resumed from)."""
@@ -168,47 +229,102 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------------- saving
 
+    def staging_directory(self) -> Path:
+        """A fresh temporary name in the directory for sharded state (`sharded.ShardWriter.start`).
+
+        It stays live, so a cleanup never deletes it, until the save given its shards is finished.
+        """
+        path = storage.temp_path_for(self.directory / "shards")
+        self._live.add(path)
+        return path
+
     def save(self, state: dict[str, Any], *, step: int, epoch: int | None = None,
-             kinds: Kind | Iterable[Kind] = Kind.ROLLING, metrics: dict[str, float] | None = None,
-             meta: dict[str, Any] | None = None, verify: bool = True, shards: Shards | PendingShards | None = None,
-             stall_before: float = 0.0) -> bool:
+             kinds: Kind | Iterable[Kind] = Kind.ROLLING, metrics: dict[str, Any] | None = None,
+             meta: dict[str, Any] | None = None, args: dict[str, Any] | None = None, verify: bool = True,
+             shards: Shards | PendingShards | None = None, stall_before: float = 0.0) -> bool:
         """Save `state` as each of `kinds`; return whether a save was started.
 
-        A BEST save happens only if `metrics` improve on the best so far. With `async_save` the call
-        returns once the state is copied to staging buffers; `poll()` reports the outcome. `meta`
-        (plain JSON) is stored in the footer, readable without loading the checkpoint.
+        Raises at once, before anything is written: TypeError if `state` holds anything that
+        `torch.load(weights_only=True)` cannot load back, naming its key; ValueError for a metric
+        that is not a finite number, a reserved `meta` key, a footer over 64 KiB, an EPOCH save
+        without `epoch`, or a BEST save without `metrics[options.metric]`.
+        A BEST save happens only if `metrics` improve on the best so far; a save is skipped (and
+        reported by `poll()`) when the disk lacks room. With `async_save` the call returns once the
+        state is copied to staging buffers; `poll()` reports the outcome. `meta` (plain JSON) is
+        stored in the footer, readable without loading the checkpoint; `args` are the options of
+        the `train` command, which its tools read back (leave it out in your own loop).
         `verify=False` skips the read-back check (only for saves racing a deadline).
-        `shards` (sharded state written by every rank with `sharded.ShardWriter`) makes each
-        checkpoint a directory holding them and `state`; the store owns and removes `shards.directory`.
-        `PendingShards` are still being written: the writer commits once they are durable.
-        `stall_before`: seconds the caller was already blocked preparing this save (staging its
-        shards), added to the recorded stall.
+        `shards` (sharded state written by every rank with `sharded.ShardWriter` into
+        `staging_directory()`) makes each checkpoint a directory holding them and `state`; the store
+        owns and removes `shards.directory`. `PendingShards` are still being written: the writer
+        commits once they are durable. `stall_before`: seconds the caller was already blocked
+        preparing this save (staging its shards), added to the recorded stall.
         """
         if self.read_only:
             raise CheckpointError("this checkpoint manager was opened read-only")
         started = time.perf_counter() - stall_before
         todo = [kinds] if isinstance(kinds, Kind) else list(dict.fromkeys(kinds))
+        metrics = self._check(state, step, epoch, todo, metrics, meta, args)
+        if todo:
+            self._wait_inflight()  # at most one save in flight: staging buffers are reused
         if Kind.BEST in todo and not self.is_improvement(metrics):
             todo.remove(Kind.BEST)
         if todo:
-            self._wait_inflight()  # at most one save in flight: staging buffers are reused
-        if not todo or not self._has_room(state, todo, step, shards):
+            todo = self._room_for(state, todo, step, shards)
+        if not todo:
             if isinstance(shards, PendingShards):
                 self._writer().submit(self._discard, shards)  # still being written: delete it once done
             elif shards is not None:
                 self._delete([shards.directory])
             return False
         if Kind.BEST in todo:
-            self._best_value = (metrics or {})[self.options.metric]
+            self._pending_best = (metrics[self.options.metric], step)
         snapshot = self._stage(state) if self.options.async_save else state
         stall = time.perf_counter() - started
-        self._inflight = self._writer().submit(self._commit, snapshot, step, epoch, todo, metrics, meta, stall,
-                                               verify, shards)
+        self._inflight = self._writer().submit(self._commit, snapshot, step, epoch, todo, metrics,
+                                               dict(meta or {}, **({"args": args} if args is not None else {})),
+                                               stall, verify, shards)
         if not self.options.async_save:
             self._wait_inflight()
             for r in self._done:
                 r.stall_s = time.perf_counter() - started  # synchronous: the caller waited for all of it
         return True
+
+    def _check(self, state: dict[str, Any], step: int, epoch: int | None, kinds: list[Kind],
+               metrics: dict[str, Any] | None, meta: dict[str, Any] | None, args: dict[str, Any] | None
+               ) -> dict[str, float]:
+        check_plain_data(state, self.options.safe_globals)
+        clean = clean_metrics(metrics)
+        check_meta(meta)
+        if Kind.EPOCH in kinds and epoch is None:
+            raise ValueError("an EPOCH save needs epoch= (which epoch just ended)")
+        if Kind.BEST in kinds and self.options.metric not in clean:
+            raise ValueError(f"a BEST save needs metrics[{self.options.metric!r}] (options.metric); "
+                             f"got {sorted(clean) or 'no metrics'}")
+        probe = self._footer(Kind.EMERGENCY, layout.emergency_name(step, datetime.now()), step, epoch, clean,
+                             dict(meta or {}, **({"args": args} if args else {})), "", self._best)
+        fileformat.encode_footer(dict(probe, format_version=fileformat.FORMAT_VERSION, digest="0" * 32,
+                                      algorithm=fileformat.DIGEST_ALGORITHM, payload_bytes=1 << 62))
+        return clean
+
+    def emergency_save(self, state: dict[str, Any], *, step: int, budget: float | None = None,
+                       **save_options: Any) -> list[SaveResult]:
+        """Save `state` as an EMERGENCY checkpoint now and wait for it; return every result finished.
+
+        For a stop request (see `GracefulStop`): the save in flight is finished first, so commits
+        stay in order. With `budget` (seconds until the process is killed, e.g. SIGTERM's grace) a
+        save expected to take longer skips its read-back check; its digest is still checked on load.
+        `save_options` are `save()`'s (epoch, metrics, meta, args, shards, stall_before).
+        """
+        self._wait_inflight()
+        verify = True
+        expected = self.expected_save_seconds()
+        if budget is not None and expected is not None and expected > budget:
+            verify = False
+            logger.warning("an emergency save is expected to take %.1fs, over the budget of %.0fs: skipping its "
+                           "read-back verification (its checksum is still checked on load)", expected, budget)
+        self.save(state, step=step, kinds=Kind.EMERGENCY, verify=verify, **save_options)
+        return self.wait_until_finished()
 
     def expected_save_seconds(self) -> float | None:
         """How long one more file like the last should take to commit, from measured saves; None before any."""
@@ -252,15 +368,20 @@ class CheckpointManager:
         fut, self._inflight = self._inflight, None
         assert fut is not None
         results = fut.result()  # a bug in the writer surfaces here, loudly, with its traceback
-        if any(r.kind is Kind.BEST and r.error for r in results):
-            self._best_value = self._read_best_value()
+        for r in results:
+            if r.kind is Kind.BEST:  # the tracker moves only once the new best is committed
+                if r.error is None and self._pending_best is not None:
+                    self._best = self._pending_best
+                self._pending_best = None
         self._done.extend(results)
         self._jobs += 1
         if self.options.storage_report_every and self._jobs % self.options.storage_report_every == 0:
             logger.info("%s", self.storage_summary())
 
+    # ----------------------------------------------------------------------------- the writer thread
+
     def _commit(self, snapshot: dict[str, Any], step: int, epoch: int | None, kinds: Sequence[Kind],
-                metrics: dict[str, float] | None, meta: dict[str, Any] | None, stall: float,
+                metrics: dict[str, float], meta: dict[str, Any], stall: float,
                 verify: bool = True, shards: Shards | PendingShards | None = None) -> list[SaveResult]:
         began = time.perf_counter()
         try:
@@ -287,22 +408,32 @@ class CheckpointManager:
         self._history({"event": "failed", "name": name, "kind": kind.value, "step": step, "error": str(error)})
         return SaveResult(kind, name, step, stall_s=stall, error=str(error))
 
+    def _footer(self, kind: Kind, name: str, step: int, epoch: int | None, metrics: dict[str, float],
+                meta: dict[str, Any], saved_at: str, best: tuple[float, int] | None) -> dict[str, Any]:
+        import torch
+
+        return dict(meta, name=name, kind=kind.value, step=step, epoch=epoch, metrics=metrics, saved_at=saved_at,
+                    torch_version=str(torch.__version__), lineage=self._line.footer(self._parent),
+                    best={"metric": self.options.metric, "mode": self.options.mode,
+                          "value": best[0] if best else None, "step": best[1] if best else None})
+
     def _commit_each(self, snapshot: dict[str, Any], step: int, epoch: int | None, kinds: Sequence[Kind],
-                     metrics: dict[str, float] | None, meta: dict[str, Any] | None, stall: float,
+                     metrics: dict[str, float], meta: dict[str, Any], stall: float,
                      verify: bool, shards: Shards | None, began: float) -> list[SaveResult]:
         import torch
 
         results = []
+        best = self._best  # what each footer records as the best so far on this line
         for kind in kinds:
             started = began if not results else time.perf_counter()
             now = datetime.now()
             name = self._final_name(kind, step, epoch, now)
             result = SaveResult(kind, name, step, stall_s=stall)
-            saved_at = now.astimezone().isoformat(timespec="seconds")
+            saved_at = now.astimezone().isoformat(timespec="microseconds")
             payload = dict(snapshot, checkpoint_type=kind.value, timestamp=saved_at,
                            format_version=fileformat.FORMAT_VERSION, torch_version=str(torch.__version__))
-            footer = dict(meta or {}, name=name, kind=kind.value, step=step, epoch=epoch,
-                          metrics=dict(metrics or {}), saved_at=saved_at, torch_version=str(torch.__version__))
+            new_best = (metrics[self.options.metric], step) if kind is Kind.BEST else best
+            footer = self._footer(kind, name, step, epoch, metrics, meta, saved_at, new_best)
             displaced: list[Path] = []  # files the renames replaced, deleted once this one is committed
             try:
                 result.bytes = self._write_family(kind, self.directory / name, payload, footer, verify, shards,
@@ -312,15 +443,17 @@ class CheckpointManager:
                 self._delete(displaced)
                 results.append(self._failed(kind, name, step, stall, e))
                 continue
+            best = new_best
             result.write_s = time.perf_counter() - started  # committed: durable, verified, latest points here
-            deleted = self._prune(kind)
+            deleted = self._prune(kind, step)
             self._delete(displaced)
             result.cleanup_s = time.perf_counter() - started - result.write_s
             self._last_file_bytes = fileformat.checkpoint_size(self.directory / name)
             self.write_bandwidth = result.bytes / max(result.write_s, 1e-9)
             self._history({"event": "save", "name": name, "kind": kind.value, "step": step, "epoch": epoch,
                            "bytes": result.bytes, "stall_s": stall, "write_s": result.write_s,
-                           "cleanup_s": result.cleanup_s, "metrics": dict(metrics or {}), "saved_at": saved_at})
+                           "cleanup_s": result.cleanup_s, "metrics": metrics, "saved_at": saved_at,
+                           "run": self._line.run})
             for gone in deleted:
                 self._history({"event": "delete", "name": gone, "kind": kind.value, "step": step})
             results.append(result)
@@ -333,6 +466,7 @@ class CheckpointManager:
                 storage.remove(path)
             except OSError as e:  # a leftover temporary name: the next writing open removes it
                 logger.warning("could not remove %s: %s", path.name, e)
+            self._live.discard(path)
 
     def _final_name(self, kind: Kind, step: int, epoch: int | None, now: datetime) -> str:
         if kind is Kind.ROLLING:
@@ -340,8 +474,7 @@ class CheckpointManager:
         if kind is Kind.EMERGENCY:
             return layout.emergency_name(step, now)
         if kind is Kind.EPOCH:
-            if epoch is None:
-                raise ValueError("an epoch checkpoint needs epoch=")
+            assert epoch is not None  # save() refused it otherwise
             return layout.epoch_name(epoch)
         return layout.BEST
 
@@ -349,40 +482,64 @@ class CheckpointManager:
                       verify: bool, shards: Shards | None, displaced: list[Path]) -> int:
         """Write one checkpoint plus its family's backup; return the bytes it holds (shards included)."""
         d = self.directory
-
-        def keep_old_best() -> None:  # only once the new best is durable and verified
-            if path.exists():
-                storage.link_checkpoint(path, d / layout.BEST_PREVIOUS, displaced)
-
         backups = {Kind.ROLLING: [d / layout.ROLLING_BACKUP], Kind.BEST: [d / layout.BEST_BACKUP]}.get(kind, [])
-        storage.write_checkpoint(path, payload, footer, before_commit=keep_old_best if kind is Kind.BEST else None,
-                                 verify=verify, copies=backups, shards=shards, displaced=displaced)
+        # The old best gets a temporary name first; it becomes best_model_previous.pt only once the
+        # new best has its name, so that a failure anywhere before leaves all three as they were.
+        old_best = storage.link_to_temporary(path, d / layout.BEST_PREVIOUS) \
+            if kind is Kind.BEST and path.exists() else None
+        try:
+            storage.write_checkpoint(path, payload, footer, verify=verify, copies=backups, shards=shards,
+                                     displaced=displaced)
+        except CheckpointError:
+            if old_best is not None:
+                self._delete([old_best])
+            raise
+        if old_best is not None:
+            try:
+                storage.commit_temporary(old_best, d / layout.BEST_PREVIOUS, displaced)
+            except CheckpointError as e:  # the new best is committed; only the older one's new name failed
+                logger.warning("%s keeps the best before the previous one: %s", layout.BEST_PREVIOUS, e)
         return (1 + len(backups)) * fileformat.checkpoint_size(path)
 
     def _point_latest_to(self, path: Path, step: int, displaced: list[Path]) -> None:
         latest = self.directory / layout.LATEST
         current = self._named(layout.LATEST)
-        # latest_backup.pt keeps the previous *step*: a second save at the same step (best and rolling
-        # together) re-points latest only. A damaged latest is replaced, never rotated over the backup.
+        # latest_backup.pt keeps the previous *step* of this line of training: a second save at the
+        # same step (best and rolling together) re-points latest only; a latest from another line
+        # (this run resumed an earlier step) is not this run's past: the state it resumed from is.
+        # A damaged latest is replaced, never rotated over the backup.
         if current is not None and current.ok and current.step != step:
-            storage.link_checkpoint(latest, self.directory / layout.LATEST_BACKUP, displaced)
+            if self._line.holds(current.meta):
+                storage.link_checkpoint(latest, self.directory / layout.LATEST_BACKUP, displaced)
+            elif self._parent_path is not None and self._parent_path.exists():
+                storage.link_checkpoint(self._parent_path, self.directory / layout.LATEST_BACKUP, displaced)
         storage.link_checkpoint(path, latest, displaced)
 
-    def _prune(self, kind: Kind) -> list[str]:
+    def _prune(self, kind: Kind, step: int) -> list[str]:
+        """Apply the family's retention; a file that cannot be deleted is a warning, never a failed save."""
         keep = {Kind.ROLLING: self.options.keep_rolling, Kind.EMERGENCY: self.options.keep_emergency}.get(kind)
         if keep is None:
             return []  # best and epoch files are never rotated
         family = Family.ROLLING if kind is Kind.ROLLING else Family.EMERGENCY
         files = []
-        for p in self.directory.iterdir():
-            parsed = layout.parse_name(p.name)
+        for info in self.all():
+            parsed = layout.parse_name(info.name)
             if parsed and parsed.family is family and parsed.step is not None:
-                files.append((parsed.step, parsed.saved or datetime.min, p))
+                # Files of an abandoned line of training count as older than any of this line's.
+                files.append((self._line.holds(info.meta), parsed.step, parsed.saved or datetime.min, info.path))
         files.sort()
-        doomed = to_delete(files, keep_last(keep), protected=lambda f: f[2].name in self._protected)
-        for _, _, p in doomed:
-            storage.remove(p)
-        return [p.name for _, _, p in doomed]
+        deleted = []
+        for *_, p in to_delete(files, keep_last(keep), protected=lambda f: f[-1].name in self._protected):
+            try:
+                storage.remove(p)
+            except OSError as e:
+                logger.warning("retention could not delete %s: %s; training goes on", p.name,
+                               fileformat.describe_os_error(e))
+                self._history({"event": "delete_failed", "name": p.name, "kind": kind.value, "step": step,
+                               "error": fileformat.describe_os_error(e)})
+                continue
+            deleted.append(p.name)
+        return deleted
 
     def _history(self, record: dict[str, Any]) -> None:
         record["time"] = time.time()
@@ -393,31 +550,40 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------------- disk space
 
-    def _has_room(self, state: dict[str, Any], kinds: Sequence[Kind], step: int,
-                  shards: Shards | PendingShards | None) -> bool:
-        copies = sum(2 if k in (Kind.ROLLING, Kind.BEST) else 1 for k in kinds)
+    def _room_for(self, state: dict[str, Any], kinds: list[Kind], step: int,
+                  shards: Shards | PendingShards | None) -> list[Kind]:
+        """The kinds whose files fit on the disk, each family checked on its own (see _SPACE_PRIORITY)."""
         # The last file written, else this state's tensors plus framing (and its shards).
         shard_bytes = shards.bytes if isinstance(shards, Shards) else shards.expected_bytes if shards else 0
         per_file = self._last_file_bytes or tensor_bytes(state) + (1 << 16) + shard_bytes
-        needed = copies * per_file + self.options.min_free_bytes
-        free = storage.free_bytes(self.directory)
-        if free >= needed:
-            return True
-        storage.clean_temp_files(self.directory)
-        for kind in (Kind.ROLLING, Kind.EMERGENCY):
-            for gone in self._prune(kind):
-                self._history({"event": "delete", "name": gone, "kind": kind.value, "step": step})
-        free = storage.free_bytes(self.directory)
-        if free >= needed:
-            return True
-        names = ", ".join(k.value for k in kinds)
-        msg = (f"not enough free space in {self.directory}: {human_bytes(free)} free, a {names} save at step {step} "
-               f"needs {human_bytes(copies * per_file)} plus --min-free-space {human_bytes(self.options.min_free_bytes)}; "
-               "skipping this save (earlier checkpoints are intact)")
-        logger.warning("%s", msg)
-        self._history({"event": "skipped", "step": step, "kinds": [k.value for k in kinds], "free": free})
-        self._done.extend(SaveResult(k, "", step, error=msg, skipped=True) for k in kinds)
-        return False
+        needs = {k: (2 if k in (Kind.ROLLING, Kind.BEST) else 1) * per_file for k in kinds}
+
+        def fitting(free: int) -> list[Kind]:
+            budget, chosen = free - self.options.min_free_bytes, []
+            for k in sorted(kinds, key=_SPACE_PRIORITY.index):
+                if needs[k] <= budget:
+                    chosen.append(k)
+                    budget -= needs[k]
+            return chosen
+
+        chosen = fitting(storage.free_bytes(self.directory))
+        if len(chosen) < len(kinds):
+            storage.clean_temp_files(self.directory, keep=self._live)
+            for kind in (Kind.ROLLING, Kind.EMERGENCY):
+                for gone in self._prune(kind, step):
+                    self._history({"event": "delete", "name": gone, "kind": kind.value, "step": step})
+            free = storage.free_bytes(self.directory)
+            chosen = fitting(free)
+            for k in kinds:
+                if k in chosen:
+                    continue
+                msg = (f"not enough free space in {self.directory}: {human_bytes(free)} free, a {k.value} save at "
+                       f"step {step} needs {human_bytes(needs[k])} plus --min-free-space "
+                       f"{human_bytes(self.options.min_free_bytes)}; skipping this save (earlier checkpoints are intact)")
+                logger.warning("%s", msg)
+                self._history({"event": "skipped", "step": step, "kinds": [k.value], "free": free})
+                self._done.append(SaveResult(k, "", step, error=msg, skipped=True))
+        return [k for k in kinds if k in chosen]
 
     def storage_summary(self) -> str:
         """One line: storage used per family (hard links counted once), total, and free space."""
@@ -438,19 +604,43 @@ class CheckpointManager:
 
     def candidates(self, which: str | Path) -> list[Path]:
         """Files to try, in order, for `which` = "latest", "best", a name or a path (see SPEC §5)."""
-        return fallback.candidates(self.directory, which, self.all() if which == "latest" else [])
+        return [c.path for c in fallback.candidates(self.directory, which, self.all() if which == "latest" else [])]
 
-    def restore(self, which: str | Path = "latest", map_location: Any = "cpu") -> tuple[dict[str, Any], CheckpointInfo]:
+    def restore(self, which: str | Path = "latest", map_location: Any = "cpu",
+                safe_globals: Sequence[Any] = ()) -> tuple[dict[str, Any], CheckpointInfo]:
         """Load a verified state; fall back loudly along the chain of SPEC §5. Returns (state, info).
 
-        Raises NoCheckpointError if there is nothing to restore and CheckpointError if every
-        candidate fails verification.
+        "latest" is the newest valid checkpoint on the current line of training. `map_location` is
+        torch.load's. `safe_globals`: classes you saved deliberately, allowed on top of plain data
+        and `options.safe_globals`. Raises NoCheckpointError if there is nothing to restore and
+        CheckpointError if every candidate fails verification. A writing manager records each
+        failed verification in history.jsonl (the lister shows it) and continues the restored
+        checkpoint's line of training: its best so far, and latest_backup.pt.
         """
-        state, path, footer = fallback.load_first_valid(self.candidates(which), self.directory, map_location)
+        if not self.directory.is_dir():
+            raise NoCheckpointError(f"checkpoint directory {self.directory} does not exist")
+        chain = fallback.candidates(self.directory, which, self.all() if which == "latest" else [])
+        state, path, footer = fallback.load_first_valid(
+            chain, self.directory, map_location, on_failure=None if self.read_only else self._record_failure,
+            safe_globals=[*self.options.safe_globals, *safe_globals])
         if path.parent == self.directory:
             self.protect(path.name)  # retention must never delete the file this run resumed from
+        line = Line.of(footer)
+        step = footer.get("step")
+        if line is not None and isinstance(step, int):
+            self._line = line.continued_by(self._line.run, step)
+        self._parent = {"run": line.run if line else None, "step": step, "name": footer.get("name", path.name)}
+        self._parent_path, self._resumed = path, footer
+        self._seed_best()
         found = describe(path)
         return state, CheckpointInfo(path.name, path, found.family, found.size, found.inode, footer)
+
+    def _record_failure(self, path: Path, reason: str) -> None:
+        try:
+            digest = fileformat.read_footer(path).get("digest")
+        except CheckpointError:
+            digest = None
+        self._history({"event": "verify_failed", "name": path.name, "digest": digest, "error": reason})
 
 
 def _yield_cpu_to_training() -> None:
@@ -459,4 +649,3 @@ def _yield_cpu_to_training() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # Linux: this thread only
     except (AttributeError, OSError):
         pass  # not Linux, or not permitted: the writer just runs at normal priority
-

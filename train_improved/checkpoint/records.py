@@ -29,6 +29,7 @@ class CheckpointOptions:
     min_free_bytes: int = 0  # a save is skipped rather than leave less free space than this
     async_save: bool = True  # stage to reused host buffers, write in a background thread
     storage_report_every: int = 10  # log storage per family every N saves
+    safe_globals: tuple[Any, ...] = ()  # your own classes, allowed in a state on save and on restore
 
     def __post_init__(self) -> None:
         problems = []
@@ -40,6 +41,8 @@ class CheckpointOptions:
             problems.append(f"save_every must be a positive number of steps (got {self.save_every})")
         if self.mode not in ("min", "max"):
             problems.append(f"mode must be 'min' or 'max' (got {self.mode!r})")
+        if not isinstance(self.metric, str) or not self.metric:
+            problems.append(f"metric must be the name of a metric (got {self.metric!r})")
         if self.min_free_bytes < 0:
             problems.append(f"min_free_bytes cannot be negative (got {self.min_free_bytes})")
         if problems:

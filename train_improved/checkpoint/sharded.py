@@ -1,7 +1,7 @@
 """Sharded state (FSDP2) through torch.distributed.checkpoint (DCP), under the store's rules.
 
     writer = ShardWriter()                                                          # every rank, once
-    shards = writer.start(staging_dir, split_tensors(msd, osd))                         # every rank
+    shards = writer.start(manager.staging_directory(), split_tensors(msd, osd))  # every rank (rank 0 names it)
     manager.save(rest_of_state, step=..., shards=shards)                                # rank 0
     ...
     read_shards(checkpoint_dir_path, template)                                          # every rank
@@ -44,7 +44,7 @@ from .fileformat import (
     hash_file,
 )
 from .records import tensor_bytes
-from .storage import PendingShards, Shards, temp_path_for
+from .storage import PendingShards, Shards
 
 METADATA_FILE = ".metadata"
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -120,11 +120,6 @@ def split_tensors(model_state: dict[str, Any], optimizer_state: dict[str, Any]) 
     groups) stays for `state.pt`. `load_model_state` reads the "model" part back.
     """
     return {"model": model_state, "optimizer_state": optimizer_state.pop("state")}
-
-
-def staging_directory(checkpoint_dir: Path) -> Path:
-    """A fresh temporary name in `checkpoint_dir` for `write_shards` (removed at the next open if left)."""
-    return temp_path_for(checkpoint_dir / "shards")
 
 
 def _writer(directory: Path) -> FileSystemWriter:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -78,10 +79,21 @@ def temp_path_for(final: Path) -> Path:
     return final.with_name(f"{TEMP_PREFIX}{final.name}.{os.getpid()}.{secrets.token_hex(4)}")
 
 
+def fsync(fd: int) -> None:
+    """Make a file's data durable. On macOS `fsync` only reaches the drive's cache: F_FULLFSYNC flushes it."""
+    if hasattr(fcntl, "F_FULLFSYNC"):
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass  # a filesystem without it (some network mounts): plain fsync, as python-atomicwrites does
+    os.fsync(fd)
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        fsync(fd)
     finally:
         os.close(fd)
 
@@ -189,7 +201,7 @@ def _temporary_for(final: Path, action: str) -> Iterator[Path]:
 
 
 def write_checkpoint(
-    final: Path, obj: Any, meta: dict[str, Any], before_commit: Callable[[], None] | None = None,
+    final: Path, obj: Any, meta: dict[str, Any],
     *, verify: bool = True, copies: Sequence[Path] = (), shards: Shards | None = None,
     displaced: list[Path] | None = None,
 ) -> dict[str, Any]:
@@ -200,8 +212,6 @@ def write_checkpoint(
     once is much cheaper than copying the file afterwards) and committed right after `final`.
     With `shards`, `final` and each copy become directories: the DCP files (hard links into
     `final`, real copies into each copy) plus `obj` as `state.pt`, whose footer lists the shards.
-    `before_commit` runs after every new file is durable and verified, just before `final` takes
-    its name (the store uses it to move the old best aside only once the new best is safe).
     `verify=False` skips only the read-back (for an emergency save against a deadline); the digest
     is still in the footer and every load checks it. `displaced`: see `_replace`. On any error
     every temporary file is removed, no final name is touched before its own file is complete,
@@ -232,15 +242,13 @@ def write_checkpoint(
                 raw.write(footer)
                 raw.flush()
                 # After a failed fsync Linux may drop the dirty pages: the file is abandoned, never retried.
-                os.fsync(raw.fileno())
+                fsync(raw.fileno())
         if verify:
             for f in files:
                 verify_file(f, expected_digest=footer_meta["digest"])
         if shards is not None:
             for tmp in tmps:
                 fsync_dir(tmp)
-        if before_commit is not None:
-            before_commit()
         for tmp, target in zip(tmps, targets, strict=True):
             _replace(tmp, target, displaced)
             fsync_dir(target.parent)
@@ -262,7 +270,7 @@ def _fill_with_shards(tmp: Path, shards: Shards, *, copy: bool, verify: bool) ->
 def _copy_durably(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)  # sendfile/copy_file_range on Linux: no Python-level buffer
     with open(dst, "rb+") as f:
-        os.fsync(f.fileno())
+        fsync(f.fileno())
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -329,19 +337,6 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def copy_checkpoint(src: Path, final: Path) -> dict[str, Any]:
-    """Atomically make `final` an independent copy (its own inodes) of `src`, verified like a write."""
-    with _temporary_for(final, f"copy {src.name} to {final.name}") as tmp:
-        if src.is_dir():
-            _mirror_directory(src, tmp, _copy_durably)
-        else:
-            _copy_durably(src, tmp)
-        footer = verify_file(tmp, expected_digest=read_footer(src)["digest"])
-        _replace(tmp, final)
-        fsync_dir(final.parent)
-    return footer
-
-
 def _mirror_directory(src: Path, dst: Path, put: Callable[[Path, Path], None]) -> None:
     """Make `dst` a new directory holding each file of `src`, put there by `put` (a copy or a link)."""
     dst.mkdir()
@@ -350,11 +345,11 @@ def _mirror_directory(src: Path, dst: Path, put: Callable[[Path, Path], None]) -
     fsync_dir(dst)
 
 
-def link_checkpoint(src: Path, final: Path, displaced: list[Path] | None = None) -> None:
-    """Make `final` name the same bytes as `src`: hard links where possible, else a verified copy.
+def link_to_temporary(src: Path, final: Path) -> Path:
+    """A temporary name beside `final` for the same bytes as `src`: hard links, else a verified copy.
 
-    Used for names whose content must equal another checkpoint's but which are not backups (latest).
-    A sharded checkpoint becomes a directory of hard links to the same files. `displaced`: see `_replace`.
+    A sharded checkpoint becomes a directory of hard links to the same files. `commit_temporary`
+    then gives it its name; until then no final name has changed.
     """
     with _temporary_for(final, f"link {src.name} to {final.name}") as tmp:
         try:
@@ -362,21 +357,44 @@ def link_checkpoint(src: Path, final: Path, displaced: list[Path] | None = None)
                 _mirror_directory(src, tmp, os.link)
             else:
                 os.link(src, tmp)
+            return tmp
         except OSError as e:
             if e.errno not in _NO_HARD_LINKS:
                 raise
             _remove_quietly(tmp)
+        # this filesystem has no hard links: an independent copy, verified like a write
+        if src.is_dir():
+            _mirror_directory(src, tmp, _copy_durably)
         else:
-            _replace(tmp, final, displaced)
-            fsync_dir(final.parent)
-            return
-    copy_checkpoint(src, final)  # this filesystem has no hard links
+            _copy_durably(src, tmp)
+        verify_file(tmp, expected_digest=read_footer(src)["digest"])
+        return tmp
 
 
-def clean_temp_files(directory: Path) -> list[Path]:
-    """Remove temporary files and directories left by a crashed writer. Call only while holding the lock."""
+def commit_temporary(tmp: Path, final: Path, displaced: list[Path] | None = None) -> None:
+    """Give a temporary from `link_to_temporary` its final name, durably. `displaced`: see `_replace`."""
+    try:
+        _replace(tmp, final, displaced)
+        fsync_dir(final.parent)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise CheckpointWriteError(f"could not rename to {final.name}: {describe_os_error(e)}") from e
+
+
+def link_checkpoint(src: Path, final: Path, displaced: list[Path] | None = None) -> None:
+    """Make `final` name the same bytes as `src` (latest.pt): see `link_to_temporary`."""
+    commit_temporary(link_to_temporary(src, final), final, displaced)
+
+
+def clean_temp_files(directory: Path, keep: frozenset[Path] | set[Path] = frozenset()) -> list[Path]:
+    """Remove temporary files and directories left by a crashed writer, except the live ones in `keep`.
+
+    Call only while holding the lock.
+    """
     removed = []
     for p in directory.glob(f"{TEMP_PREFIX}*"):
+        if p in keep:
+            continue
         if p.is_file() or p.is_dir():
             remove(p)
             removed.append(p)
@@ -392,4 +410,4 @@ def append_line(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
-        os.fsync(f.fileno())
+        fsync(f.fileno())
