@@ -76,3 +76,19 @@ def step_losses(path: Path) -> dict[int, float]:
                 assert losses[rec["step"]] == rec["loss"], f"step {rec['step']} replayed with a different loss"
             losses[rec["step"]] = rec["loss"]
     return losses
+
+
+def train_in_process(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """Run `train` in this process (no interpreter start-up: ~10x faster for short runs); (exit code, stderr).
+
+    For tests that need no signal and no second process: the same command line, options and store.
+    """
+    from typer.testing import CliRunner
+
+    from train_improved.cli import _normalize_argv, train_app
+
+    monkeypatch.chdir(cwd)
+    result = CliRunner().invoke(train_app(), _normalize_argv(list(args)), prog_name="train")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stderr

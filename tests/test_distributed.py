@@ -90,11 +90,9 @@ def test_two_ranks_log_once_and_write_the_single_process_layout(reference: Path)
     assert {"latest.pt", "latest_backup.pt", "rolling_last_backup.pt", "best_model.pt", "best_model_backup.pt",
             "epoch_00000.pt"} <= names
     state = torch.load(reference / "checkpoints" / "latest.pt", weights_only=True)
-    assert state["world_size"] == 2 and len(state["rank_states"]) == 2
-    # Ranks share the window position (each reads its own slice of it) but draw their own dropout masks.
-    r0, r1 = state["rank_states"]
-    assert r0["dataloader_state"] == r1["dataloader_state"]
-    assert not torch.equal(r0["rng_state"]["torch"], r1["rng_state"]["torch"])
+    # Nothing in it belongs to one rank: the data position is global, dropout seeds derive from the step.
+    assert state["world_size"] == 2 and "rank_states" not in state
+    assert state["dataloader_state"]["train_index"] % 8 == 0  # whole global batches of 8 windows
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -126,7 +124,7 @@ def test_fsdp_checkpoints_are_directories_under_the_same_names(fsdp_reference: P
     files = {p.name for p in (d / "latest.pt").iterdir()}
     assert {"state.pt", ".metadata", "__0_0.distcp", "__1_0.distcp"} <= files
     state = torch.load(d / "latest.pt" / "state.pt", weights_only=True)  # the non-sharded rest, plain torch
-    assert state["sharded"] and state["world_size"] == 2 and len(state["rank_states"]) == 2 and "model" not in state
+    assert state["sharded"] and state["world_size"] == 2 and "model" not in state
     listing = subprocess.run([sys.executable, "-m", "train_improved", "--list-checkpoints", "--verify", "--json"],
                              cwd=fsdp_reference, capture_output=True, text=True)
     assert listing.returncode == 0, listing.stderr
@@ -141,15 +139,6 @@ def test_resuming_a_sharded_run_without_fsdp_is_refused(fsdp_reference: Path, tm
                           env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "incompatible change (--fsdp True -> False)" in proc.stderr
     assert "/train_improved/" not in proc.stderr  # no traceback of ours (torchrun prints its own ChildFailedError)
-
-
-def test_resume_with_another_world_size_is_refused(reference: Path, tmp_path: Path) -> None:
-    import shutil
-
-    shutil.copytree(reference, tmp_path / "r")
-    out = subprocess.run([sys.executable, "-m", "train_improved", *ARGS, "--resume", "latest", "--max-steps", "40"],
-                         cwd=tmp_path / "r", capture_output=True, text=True)
-    assert out.returncode == 1 and "written by 2 rank(s)" in out.stderr and "Traceback" not in out.stderr
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:

@@ -46,7 +46,7 @@ def train(
     batch_size: Annotated[Int, _opt("batch-size", "Sequences per optimizer step.")] = None,
     mini_batch_size: Annotated[Int, _opt("mini-batch-size", "Sequences per forward/backward (gradient accumulation).")] = None,
     lr: Annotated[Float, _opt("lr", "Peak learning rate (after warmup).")] = None,
-    min_lr: Annotated[Float, _opt("min-lr", "Learning rate at the end of the cosine decay.")] = None,
+    min_lr: Annotated[Float, _opt("min-lr", "Learning rate at the end of the cosine decay (default: --lr / 10).")] = None,
     warmup_steps: Annotated[Int, _opt("warmup-steps", "Linear warmup steps.")] = None,
     weight_decay: Annotated[Float, _opt("weight-decay", "AdamW weight decay (matrices only).")] = None,
     grad_clip: Annotated[Float, _opt("grad-clip", "Clip the global gradient norm (0 disables).")] = None,
@@ -65,7 +65,7 @@ def train(
                                                             "(env CHECKPOINT_FREQ).")] = None,
     keep_checkpoints: Annotated[Int, _opt("keep-checkpoints", "Rolling checkpoints to keep (env CHECKPOINT_KEEP_LAST).")] = None,
     keep_emergency_checkpoints: Annotated[Int, _opt("keep-emergency-checkpoints", "Emergency checkpoints to keep.")] = None,
-    metric: Annotated[Str, _opt("metric", "Metric that decides best_model.pt (val_loss or train_loss).")] = None,
+    metric: Annotated[Str, _opt("metric", "Metric that decides best_model.pt: val_loss or train_loss.")] = None,
     mode: Annotated[Str, _opt("mode", "min or max: which direction of --metric is better.")] = None,
     min_free_space: Annotated[Str, _opt("min-free-space", "Skip a save rather than leave less free disk than "
                                                           "this (e.g. 10GB, 500MiB).")] = None,
@@ -75,11 +75,15 @@ def train(
     emergency_budget: Annotated[Str, _opt("emergency-budget", "Seconds an emergency save may take before it "
                                                               "skips its read-back check (e.g. 25s).")] = None,
     log_dir: Annotated[Str, _opt("log-dir", "Directory for metrics.jsonl and TensorBoard files.")] = None,
+    log_interval: Annotated[Str, _opt("log-interval", "Seconds between progress lines when stderr is not a "
+                                                      "terminal, e.g. in a batch job's log (e.g. 60s, 5m).")] = None,
     metrics_file: Annotated[Str, _opt("metrics-file", "JSON-lines metrics file (default <log-dir>/metrics.jsonl).")] = None,
     use_tensorboard: Annotated[Bool, _opt("use-tensorboard/--no-use-tensorboard", "Also write TensorBoard event files to --log-dir.")] = None,
     sample_length: Annotated[Int, _opt("sample-length", "Bytes of text to sample from the best model at the end.")] = None,
     resume: Annotated[Str, typer.Option("--resume", help="latest, best, auto (resume if possible, else start "
                                                          "fresh), a file name in --checkpoint-dir, or a path.")] = None,
+    init_from: Annotated[Str, typer.Option("--init-from", help="Start a new run from this checkpoint's weights "
+                                                               "(fine-tuning): new optimizer, schedule and step count.")] = None,
     config_file: Annotated[Str, typer.Option("--config", help="TOML file of options (below env and command line).")] = None,
     list_checkpoints: Annotated[bool, typer.Option("--list-checkpoints", help="List the checkpoint directory and exit.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="With --list-checkpoints: print JSON.")] = False,
@@ -101,7 +105,7 @@ def train(
             raise typer.Exit(show(Path(directory), as_json=json_output, verify=verify))
         from .session import run_session
 
-        raise typer.Exit(run_session(given, resume=resume, config_file=config_file))
+        raise typer.Exit(run_session(given, resume=resume, config_file=config_file, init_from=init_from))
     except (ConfigError, DataError, CheckpointError) as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says so
             err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
@@ -139,10 +143,14 @@ def _normalize_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
+def train_app() -> typer.Typer:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(train)
-    app(args=_normalize_argv(sys.argv[1:]), prog_name="train")
+    return app
+
+
+def main() -> None:
+    train_app()(args=_normalize_argv(sys.argv[1:]), prog_name="train")
 
 
 def resume_command_main() -> None:

@@ -39,7 +39,7 @@ class TrainConfig:
     batch_size: int = 32  # sequences per optimizer step
     mini_batch_size: int = 32  # sequences per forward/backward; batch_size / mini_batch_size = accumulation
     lr: float = 3e-3  # small models tolerate a high peak learning rate
-    min_lr: float = 3e-4  # cosine decay ends here (~lr/10, per Chinchilla)
+    min_lr: float | None = None  # cosine decay ends here; None: lr/10 (per Chinchilla), so it follows --lr
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
@@ -59,7 +59,7 @@ class TrainConfig:
     checkpoint_freq: int | str = 250  # steps between rolling checkpoints, or "auto" (Young's formula)
     keep_checkpoints: int = 10  # rolling checkpoints kept; best, epoch and emergency are kept separately
     keep_emergency_checkpoints: int = 10
-    metric: str = "val_loss"  # decides best_model.pt
+    metric: str = "val_loss"  # decides best_model.pt: val_loss or train_loss, the metrics a run produces
     mode: str = "min"  # min | max
     min_free_space: int = 0  # bytes that must stay free after a save, e.g. "10GB"
     async_save: bool = True  # the loop only waits for a copy into reused buffers
@@ -67,6 +67,7 @@ class TrainConfig:
     emergency_budget: float = 25.0  # seconds an emergency save may take (SIGKILL follows SIGTERM after ~30 s)
     # logging
     log_dir: str = "runs"
+    log_interval: float = 60.0  # seconds between progress lines when stderr is not a terminal (a batch log)
     metrics_file: str | None = None  # None: <log_dir>/metrics.jsonl
     use_tensorboard: bool = False
     sample_length: int = 300  # bytes of text sampled from the best model at the end; 0 disables
@@ -75,11 +76,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @property
+    def final_lr(self) -> float:
+        """The learning rate at the end of the cosine decay: --min-lr, else a tenth of --lr."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
     def metrics_path(self) -> Path:
         return Path(self.metrics_file) if self.metrics_file else Path(self.log_dir) / "metrics.jsonl"
 
 
 OPTION_NAMES = [f.name for f in fields(TrainConfig)]
+METRICS = ("val_loss", "train_loss")  # what the trainer measures, so what --metric may name
 ENV_VARS = {"CHECKPOINT_DIR": "checkpoint_dir", "CHECKPOINT_KEEP_LAST": "keep_checkpoints",
             "CHECKPOINT_FREQ": "checkpoint_freq"}
 
@@ -153,11 +160,15 @@ def _parse_optional_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _parse_optional_float(value: Any) -> float | None:
+    return None if value is None or str(value).lower() in ("none", "") else float(value)
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "data": _parse_optional_str, "metrics_file": _parse_optional_str,
     "vocab_size": _parse_optional_int, "max_steps": _parse_optional_int,
     "checkpoint_freq": _parse_freq, "min_free_space": parse_size, "mtbf": parse_duration,
-    "emergency_budget": parse_duration,
+    "emergency_budget": parse_duration, "log_interval": parse_duration, "min_lr": _parse_optional_float,
 }
 for _f in fields(TrainConfig):
     if _f.name not in _PARSERS:
@@ -237,11 +248,15 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"--checkpoint-freq must be a positive number of steps or 'auto' (got {cfg.checkpoint_freq})")
     if cfg.vocab_size is not None and cfg.vocab_size < 1:
         p.append(f"--vocab-size must be positive (got {cfg.vocab_size})")
-    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "seed", "sample_length"):
+    for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "seed", "sample_length"):
         if getattr(cfg, name) < 0:
             p.append(f"--{name.replace('_', '-')} cannot be negative (got {getattr(cfg, name)})")
-    if cfg.lr > 0 and cfg.min_lr > cfg.lr:
-        p.append(f"--min-lr {cfg.min_lr} cannot exceed --lr {cfg.lr}")
+    if cfg.min_lr is not None and cfg.min_lr < 0:
+        p.append(f"--min-lr cannot be negative (got {cfg.min_lr})")
+    elif cfg.min_lr is not None and cfg.lr > 0 and cfg.min_lr > cfg.lr:
+        p.append(f"--min-lr {cfg.min_lr} cannot exceed --lr {cfg.lr} (leave --min-lr out to follow --lr: lr/10)")
+    if cfg.metric not in METRICS:
+        p.append(f"--metric {cfg.metric!r} is not a metric this run produces: choose {' or '.join(METRICS)}")
     if not 0.0 <= cfg.dropout < 1.0:
         p.append(f"--dropout must be in [0, 1) (got {cfg.dropout})")
     if cfg.device not in ("auto", "cpu", "mps") and not re.fullmatch(r"cuda(:\d+)?", cfg.device):
@@ -254,5 +269,17 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"--emergency-budget must be a positive duration (got {cfg.emergency_budget})")
     if cfg.mtbf <= 0:
         p.append(f"--mtbf must be a positive duration (got {cfg.mtbf})")
+    if cfg.log_interval <= 0:
+        p.append(f"--log-interval must be a positive duration (got {cfg.log_interval})")
     if p:
         raise ConfigError("; ".join(p))
+
+
+def batch_split(batch_size: int, mini_batch_size: int, world_size: int) -> int:
+    """Micro-batches per rank per step; a world size that cannot share the batch evenly is refused."""
+    micro = batch_size // mini_batch_size
+    if batch_size % mini_batch_size == 0 and micro % world_size == 0:
+        return micro // world_size
+    works = ", ".join(str(n) for n in range(1, micro + 1) if micro % n == 0)
+    raise ConfigError(f"--batch-size {batch_size} is {micro} micro-batches of --mini-batch-size {mini_batch_size}, "
+                      f"which {world_size} ranks cannot share evenly; run on {works} rank(s), or change the sizes")

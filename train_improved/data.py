@@ -8,8 +8,9 @@
   * a UTF-8 text file, or a directory of .txt files (sorted), byte-level; the last 10% is held out;
   * a directory of token shards, *.npy or nanoGPT-style *.bin (raw uint16), split into train and
     val by file name.
-The loader reads sequentially and keeps an explicit position (shard, offset) that checkpoints
-store, so a resume continues with exactly the next batch.
+Training reads windows of `block_size + 1` tokens in a shuffled order per epoch (`ShuffledSampler`):
+independent windows in every batch, as nanoGPT samples them, with a position (epoch, index) that
+checkpoints store, so a resume continues with exactly the next batch on any number of ranks.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +46,12 @@ class Dataset:
     def train_tokens(self) -> int:
         return sum(len(s) for s in self.train)
 
+    def summary(self) -> str:
+        """One line for the start-up banner: what was loaded and how it is split."""
+        val = sum(len(s) for s in self.val)
+        return (f"{self.description}: {self.train_tokens:,} training tokens in {len(self.train)} shard(s), "
+                f"{val:,} held out; vocabulary {self.vocab_size}")
+
 
 def default_cache_dir() -> Path:
     env = os.environ.get("TRAIN_IMPROVED_CACHE")
@@ -65,7 +73,12 @@ def load_dataset(spec: str | None, *, vocab_size: int | None = None, cache_dir: 
     texts = sorted(path.glob("*.txt"))
     if not texts:
         raise DataError(f"--data {spec}: directory holds no .txt, .npy or .bin files")
-    return _split_text(b"".join(_read_bytes(p) for p in texts), vocab_size, f"{len(texts)} text files in {path}")
+    # Only the directory's own .txt files are read: say what was left out, so nothing is ignored silently.
+    others = [p for p in path.iterdir() if p.suffix != ".txt" and not p.name.startswith(".")]
+    dirs = sum(p.is_dir() for p in others)
+    ignored = [f"{n} {what}" for n, what in ((dirs, "subdirectories"), (len(others) - dirs, "other files")) if n]
+    note = f" (ignored: {', '.join(ignored)})" if ignored else ""
+    return _split_text(b"".join(_read_bytes(p) for p in texts), vocab_size, f"{len(texts)} .txt files in {path}{note}")
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -143,58 +156,114 @@ def build_stdlib_corpus(cache_dir: Path) -> Path:
     return out
 
 
-class TokenLoader:
-    """Sequential batches of (x, y) from a list of shards, with an explicit, restorable position.
+class TokenWindows:
+    """The windows of one split: `block_size + 1` consecutive tokens inside one shard, on a grid.
 
-    With several ranks, each reads its own slice of every window so that ranks never overlap.
+    Window starts lie on a grid of `block_size` tokens shifted by a `phase` in [0, block_size); a
+    window never crosses a shard's end. Every phase gives each shard the same number of windows
+    (`len // block_size - 1`), so an epoch's length does not depend on its phase.
     """
 
-    def __init__(self, shards: list[np.ndarray], batch_size: int, block_size: int,
-                 *, rank: int = 0, world_size: int = 1, name: str = "train") -> None:
-        self.batch_size, self.block_size = batch_size, block_size
-        self.rank, self.world_size = rank, world_size
-        self.span = batch_size * block_size * world_size  # tokens all ranks consume per batch
-        self.shards = shards
-        self.batches_per_pass = sum(max(0, (len(s) - 1) // self.span) for s in shards)
-        if self.batches_per_pass == 0:
-            need = self.span + 1
-            raise DataError(f"the {name} split has {sum(len(s) for s in shards)} tokens; one batch needs {need} "
-                            "(lower --mini-batch-size or --block-size, or give more data)")
-        self.curr_shard = 0
-        self.curr_pos = 0
-        self._skip_short_shards()
+    def __init__(self, shards: list[np.ndarray], block_size: int, *, name: str) -> None:
+        self.shards, self.block_size = shards, block_size
+        counts = [max(0, len(s) // block_size - 1) for s in shards]
+        self.count = sum(counts)
+        if self.count == 0:
+            raise DataError(f"the {name} split has {sum(len(s) for s in shards)} tokens; one window needs "
+                            f"{2 * block_size} in one shard (lower --block-size, or give more data)")
+        self._first = np.cumsum([0, *counts])  # global index of each shard's first window
 
-    def _skip_short_shards(self) -> None:
-        while self.curr_pos + self.span + 1 > len(self.shards[self.curr_shard]):
-            self.curr_shard = (self.curr_shard + 1) % len(self.shards)
-            self.curr_pos = 0
+    def position(self, index: int, phase: int = 0) -> tuple[int, int]:
+        """(shard, token offset) of window `index`."""
+        shard = int(np.searchsorted(self._first, index, side="right")) - 1
+        return shard, phase + (index - int(self._first[shard])) * self.block_size
 
-    def reset(self) -> None:
-        self.curr_shard, self.curr_pos = 0, 0
-        self._skip_short_shards()
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T = self.batch_size, self.block_size
-        start = self.curr_pos + self.rank * B * T
-        window = np.asarray(self.shards[self.curr_shard][start:start + B * T + 1], dtype=np.int64)
-        buf = torch.from_numpy(window)
-        x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
-        self.curr_pos += self.span
-        self._skip_short_shards()
+    def gather(self, indices: np.ndarray | list[int], phase: int = 0, *, pin: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (B x block_size, int64) for the windows `indices`."""
+        T = self.block_size
+        rows = []
+        for index in indices:
+            shard, pos = self.position(int(index), phase)
+            rows.append(np.asarray(self.shards[shard][pos:pos + T + 1], dtype=np.int64))
+        buf = torch.from_numpy(np.stack(rows))
+        x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+        if pin:  # so that the copies to the GPU are really asynchronous
+            x, y = x.pin_memory(), y.pin_memory()
         return x, y
 
-    def spread(self, n: int) -> list[dict[str, int]]:
-        """`n` batch positions spread evenly over the whole split (for representative evaluations)."""
-        starts = [(i, pos) for i, s in enumerate(self.shards) for pos in range(0, len(s) - self.span, self.span)]
-        pick = [starts[(k * len(starts)) // n] for k in range(n)] if n <= len(starts) else starts * (n // len(starts) + 1)
-        return [{"curr_shard": i, "curr_pos": pos} for i, pos in pick[:n]]
+    def fingerprint(self) -> str:
+        """Identifies the data (sizes and the first bytes of every shard), to detect a change on resume."""
+        h = hashlib.sha256(str([len(s) for s in self.shards]).encode())
+        for s in self.shards:
+            h.update(np.ascontiguousarray(s[:4096]).tobytes())
+        return h.hexdigest()[:16]
 
-    def state_dict(self) -> dict[str, int]:
-        return {"curr_shard": self.curr_shard, "curr_pos": self.curr_pos}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        shard, pos = int(state["curr_shard"]), int(state["curr_pos"])
-        if not 0 <= shard < len(self.shards) or not 0 <= pos < len(self.shards[shard]):
-            raise DataError(f"the checkpoint's data position (shard {shard}, offset {pos}) is outside this data; "
-                            "was --data changed?")
-        self.curr_shard, self.curr_pos = shard, pos
+class ShuffledSampler:
+    """Which training windows each optimizer step reads: shuffled, deterministic and resumable.
+
+    Every epoch visits all windows of the training split once, in an order drawn from
+    (seed, epoch), with the window grid shifted by a phase drawn from the same pair (so the cut
+    points differ from epoch to epoch). Step after step takes the next `batch_size` windows of that
+    order, whatever the number of ranks: micro-batch k of a step is windows [k·m, (k+1)·m) of the
+    step's share, and rank r computes the micro-batches k ≡ r (mod world size). The position is
+    (epoch, index) alone, plain data in every checkpoint, so a resume reads exactly the next windows
+    and a resume on another number of ranks reads the same windows at every step.
+    """
+
+    def __init__(self, windows: TokenWindows, batch_size: int, seed: int) -> None:
+        self.windows, self.batch_size, self.seed = windows, batch_size, seed
+        self.steps_per_epoch = windows.count // batch_size
+        self.epoch, self.index = 0, 0  # the next step reads windows [index, index + batch_size) of this epoch
+        self._order: tuple[int, int, np.ndarray] | None = None  # (epoch, phase, permutation)
+
+    def _epoch_order(self) -> tuple[int, np.ndarray]:
+        if self._order is None or self._order[0] != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            phase = int(rng.integers(self.windows.block_size))
+            self._order = (self.epoch, phase, rng.permutation(self.windows.count))
+        return self._order[1], self._order[2]
+
+    def micro_batch(self, k: int, size: int, *, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch `k` (of `size` windows) of the next step."""
+        phase, order = self._epoch_order()
+        start = self.index + k * size
+        return self.windows.gather(order[start:start + size], phase, pin=pin)
+
+    def advance(self) -> bool:
+        """Move past the step just taken; True if that step finished an epoch (a partial batch is dropped)."""
+        self.index += self.batch_size
+        if self.index + self.batch_size <= self.windows.count:
+            return False
+        self.epoch, self.index = self.epoch + 1, 0
+        return True
+
+    def restart(self) -> None:
+        """Start a new epoch now (used when the data changed under a resumed run)."""
+        if self.index:
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def steps_left(self, num_epochs: int) -> int:
+        return max(0, (num_epochs - self.epoch) * self.steps_per_epoch - self.index // self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        phase, order = self._epoch_order()
+        shard, pos = self.windows.position(int(order[self.index]), phase) if self.index < len(order) else (0, 0)
+        return {"epoch": self.epoch, "index": self.index, "curr_shard": shard, "curr_pos": pos,
+                "fingerprint": self.windows.fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index < max(1, self.windows.count):
+            raise DataError(f"the checkpoint's data position (epoch {epoch}, window {index}) is outside this data")
+        self.epoch, self.index = epoch, index
+
+
+def evaluation_windows(windows: TokenWindows, count: int) -> list[int]:
+    """`count` window indices spread evenly over the whole held-out split, the same at every evaluation.
+
+    A prefix would be a few files of the split; an even spread represents all of it.
+    """
+    return [(k * windows.count) // count for k in range(count)] if count <= windows.count else \
+        [k % windows.count for k in range(count)]

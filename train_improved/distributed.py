@@ -4,8 +4,9 @@
 
 gloo on CPU, nccl on CUDA. Only rank 0 logs, shows progress and writes checkpoints. A stop
 request seen by any rank is agreed on with one all-reduce per micro-step, so every rank abandons
-the same step and the emergency checkpoint is consistent. Each rank's RNG state and data position
-are gathered into the checkpoint, so a resume with the same world size is exact.
+the same step and the emergency checkpoint is consistent. Nothing in a checkpoint belongs to one
+rank (data positions are global, dropout seeds a function of the step and micro-batch), so a
+run may resume on another number of ranks.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    torchrun: bool = False  # started by torchrun, even with one process (--fsdp needs a process group)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.torchrun
 
     @property
     def is_main(self) -> bool:
@@ -37,7 +39,8 @@ class Dist:
 def from_environment() -> Dist:
     """Read torchrun's variables; a plain `train` is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")),
+                torchrun="TORCHELASTIC_RUN_ID" in os.environ)
 
 
 def init(d: Dist, device: str) -> None:
@@ -77,13 +80,18 @@ def any_rank(d: Dist, flag: bool, device: str) -> bool:
     return bool(t.item())
 
 
-def mean(d: Dist, value: float, device: str) -> float:
-    """The mean of `value` over ranks (the loss every rank saw), on every rank."""
+def mean(d: Dist, value: torch.Tensor) -> float:
+    """The mean of a 0-d tensor over ranks (the loss every rank saw), on every rank: one host sync."""
+    return total(d, value) / d.world_size
+
+
+def total(d: Dist, value: torch.Tensor) -> float:
+    """The sum of a 0-d tensor over ranks, on every rank, as a float: one host sync."""
     if not d.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+        return value.item()
+    t = value.detach().to(torch.float64).reshape(1)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / d.world_size
+    return t.item()
 
 
 def gather(d: Dist, obj: Any) -> list[Any]:

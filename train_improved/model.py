@@ -118,17 +118,26 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizer(
-        self, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+        self, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95), *, device_type: str = "cpu"
     ) -> torch.optim.AdamW:
-        """AdamW with decay on matrices only: biases and LayerNorm gains are not decayed."""
+        """AdamW with decay on matrices only: biases and LayerNorm gains are not decayed.
+
+        Fused into one kernel on CUDA (as nanoGPT), multi-tensor (foreach) elsewhere.
+        """
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
         groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
+
+    @staticmethod
+    def apply_optimizer_options(optimizer: torch.optim.Optimizer, weight_decay: float, *, device_type: str) -> None:
+        """This run's weight decay and kernels, on an optimizer whose loaded param_groups carry another run's."""
+        fused = device_type == "cuda"
+        for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0), strict=True):
+            group.update(weight_decay=decay, fused=fused, foreach=None if fused else True)
 
     @torch.no_grad()
     def generate(

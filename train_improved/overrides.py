@@ -12,23 +12,35 @@ from typing import Any
 
 class Effect(str, Enum):
     HARMLESS = "harmless"  # logging, evaluation and checkpoint cadence: same weights, same losses
+    ELASTIC = "elastic"  # another number of ranks: the same windows and schedule, another reduction order
     TRAJECTORY = "changes the trajectory"  # a valid resume, but no longer the run that was started
     INCOMPATIBLE = "incompatible"  # the checkpoint cannot be loaded into what these options build
 
 
+MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 EFFECTS: dict[str, Effect] = {
-    **dict.fromkeys(["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "fsdp"], Effect.INCOMPATIBLE),
+    **dict.fromkeys([*MODEL_SHAPE, "fsdp"], Effect.INCOMPATIBLE),
     **dict.fromkeys(["data", "dropout", "batch_size", "mini_batch_size", "lr", "min_lr", "warmup_steps",
                      "weight_decay", "grad_clip", "num_epochs", "max_steps", "seed", "device", "dtype",
                      "compile"], Effect.TRAJECTORY),
     **dict.fromkeys(["eval_interval", "eval_steps", "checkpoint_dir", "checkpoint_freq", "keep_checkpoints",
-                     "keep_emergency_checkpoints", "metric", "mode", "min_free_space", "async_save", "mtbf", "emergency_budget",
-                     "log_dir", "metrics_file", "use_tensorboard", "sample_length"], Effect.HARMLESS),
+                     "keep_emergency_checkpoints", "metric", "mode", "min_free_space", "async_save", "mtbf",
+                     "emergency_budget", "log_dir", "log_interval", "metrics_file", "use_tensorboard",
+                     "sample_length"], Effect.HARMLESS),
+    "world_size": Effect.ELASTIC,  # not an option: the number of processes torchrun starts
 }
 WHY = {
     Effect.INCOMPATIBLE: "model shape, vocabulary or sharding: the saved state does not fit",
     Effect.TRAJECTORY: "optimization, schedule, data or numerics: losses will differ from the original run",
+    Effect.ELASTIC: "same data order, same schedule; the floating-point reduction order changes",
     Effect.HARMLESS: "logging, evaluation or checkpoint cadence: training itself is unchanged",
+}
+# What a change does beyond its class, where that is not obvious.
+NOTES = {
+    "data": "other data: the run keeps its weights, optimizer and step and starts a new epoch on it "
+            "(the same content under another path continues exactly where it was)",
+    "metric": "best tracking starts again with the new metric; best_model_previous.pt keeps the old best",
+    "mode": "best tracking starts again in the new direction; best_model_previous.pt keeps the old best",
 }
 
 
@@ -41,7 +53,7 @@ class Change:
 
     @property
     def flag(self) -> str:
-        return "--" + self.option.replace("_", "-")
+        return "ranks (world size)" if self.option == "world_size" else "--" + self.option.replace("_", "-")
 
 
 PATH_OPTIONS = frozenset({"data", "checkpoint_dir", "log_dir", "metrics_file"})

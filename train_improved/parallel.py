@@ -64,3 +64,20 @@ def load_sharded(raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
     sharded.read_shards(path, tensors)
     set_state_dict(raw_model, optimizer, model_state_dict=tensors["model"],
                    optim_state_dict={"state": tensors["optimizer_state"], "param_groups": param_groups})
+
+
+def load_full_weights(raw_model: torch.nn.Module, weights: dict[str, torch.Tensor], *, fsdp: bool) -> None:
+    """Full (unsharded) weights into the model, replicated or sharded (--init-from)."""
+    from .checkpoint import CheckpointError
+
+    try:
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(raw_model, weights, options=StateDictOptions(full_state_dict=True))
+        else:
+            raw_model.load_state_dict(weights)
+    except (RuntimeError, KeyError, ValueError) as e:
+        lines = str(e).splitlines()
+        raise CheckpointError("the checkpoint's model does not fit this model shape: "
+                              f"{lines[1].strip() if len(lines) > 1 else lines[0] if lines else e}") from None

@@ -18,9 +18,9 @@ from rich.table import Table
 from . import config
 from .checkpoint import CheckpointError, CorruptCheckpointError, layout, verify_file
 from .config import ConfigError, TrainConfig
-from .overrides import WHY, Change, Effect, classify, incompatible
+from .overrides import NOTES, WHY, Change, Effect, classify, incompatible
 
-_STYLE = {Effect.HARMLESS: "green", Effect.TRAJECTORY: "yellow", Effect.INCOMPATIBLE: "bold red"}
+_STYLE = {Effect.HARMLESS: "green", Effect.ELASTIC: "cyan", Effect.TRAJECTORY: "yellow", Effect.INCOMPATIBLE: "bold red"}
 # Flags spelled --x / --no-x: every boolean option.
 _NEGATABLE = {f.name for f in dataclasses.fields(config.TrainConfig) if f.type in (bool, "bool")}
 
@@ -49,7 +49,10 @@ def continued_args(args: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`--lr 1e-3 --no-async-save --compile` -> {"lr": "1e-3", "async_save": False, "compile": True}."""
+    """`--lr 1e-3 --no-async-save --compile` -> {"lr": 0.001, "async_save": False, "compile": True}.
+
+    `--world-size N` proposes resuming on N ranks (torchrun --nproc_per_node N).
+    """
     raw: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -70,11 +73,22 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         else:
             raise ConfigError(f"--{name} needs a value")
         i += 1
-    return config.coerce(raw, "command line")
+    world = raw.pop("world_size", None)
+    out = config.coerce(raw, "command line")
+    if world is not None:
+        try:
+            out["world_size"] = int(world)
+        except ValueError:
+            raise ConfigError(f"--world-size needs a whole number of ranks, got {world!r}") from None
+        if out["world_size"] < 1:
+            raise ConfigError(f"--world-size must be at least 1 (got {world})")
+    return out
 
 
 def command_for(path: Path, args: dict[str, Any]) -> str:
-    words = ["train", "--resume", str(path.resolve())]
+    world = int(args.get("world_size") or 1)
+    launcher = ["torchrun", "--nproc_per_node", str(world), "-m", "train_improved"] if world > 1 else ["train"]
+    words = [*launcher, "--resume", str(path.resolve())]
     for key, value in args.items():
         if key not in config.OPTION_NAMES or value is None:
             continue
@@ -98,9 +112,12 @@ def print_changes(old: dict[str, Any], new: dict[str, Any], *, title: str,
         for c in changes:
             table.add_row(c.flag, repr(c.old), repr(c.new), f"[{_STYLE[c.effect]}]{c.effect.value}[/]")
         console.print(table)
-        for effect in (Effect.TRAJECTORY, Effect.INCOMPATIBLE):
+        for effect in (Effect.ELASTIC, Effect.TRAJECTORY, Effect.INCOMPATIBLE):
             if any(c.effect is effect for c in changes):
                 console.print(f"[{_STYLE[effect]}]{effect.value}[/]: {WHY[effect]}")
+        for c in changes:
+            if c.option in NOTES:
+                console.print(f"{c.flag}: {NOTES[c.option]}")
     if bad := incompatible(changes):
         listed = ", ".join(f"{c.flag} {c.old!r} -> {c.new!r}" for c in bad)
         raise ConfigError(f"incompatible change ({listed}): the checkpoint cannot continue with it; "
@@ -119,9 +136,11 @@ def main(checkpoint: str, extra: list[str], *, compare: bool) -> int:
     old = footer.get("args")
     if not isinstance(old, dict):
         raise CheckpointError(f"{path} holds no training options (not written by the train command?)")
-    old = continued_args(old, path)
+    old = {**continued_args(old, path), "world_size": int(footer.get("world_size") or 1)}
     new = {**old, **parse_overrides(extra)}
-    config.validate(TrainConfig(**{k: v for k, v in new.items() if k in config.OPTION_NAMES}))
+    cfg = TrainConfig(**{k: v for k, v in new.items() if k in config.OPTION_NAMES})
+    config.validate(cfg)
+    config.batch_split(cfg.batch_size, cfg.mini_batch_size, new["world_size"])  # refused here as in train
     out = Console()
     if compare or extra:
         changes = print_changes(old, new, title=f"{path.name} (step {footer.get('step')}): proposed changes",

@@ -18,12 +18,13 @@ from typing import Any
 
 from rich.console import Console
 
-from . import config, distributed
+from . import config, distributed, parallel
 from .checkpoint import CheckpointError, CheckpointManager, CheckpointOptions, NoCheckpointError, read_footer
 from .checkpoint.fileformat import load_checkpoint
 from .checkpoint.layout import is_explicit_path
 from .checkpoint.records import describe
 from .config import ConfigError, DataError, TrainConfig
+from .overrides import MODEL_SHAPE
 from .progress import err_console
 from .resume_command import continued_args, print_changes
 
@@ -37,21 +38,27 @@ def checkpoint_options(cfg: TrainConfig) -> CheckpointOptions:
     )
 
 
-def run_session(given: dict[str, Any], *, resume: str | None, config_file: str | None) -> int:
+def run_session(given: dict[str, Any], *, resume: str | None, config_file: str | None,
+                init_from: str | None = None) -> int:
     """Run `train` with the options given on the command line; return the exit code."""
     import torch
 
+    if resume is not None and init_from is not None:
+        raise ConfigError("--init-from starts a new run from a checkpoint's weights and --resume continues one: "
+                          "give only one of them")
     d = distributed.from_environment()
     if not d.is_main:
         logging.getLogger().setLevel(logging.ERROR)  # rank 0 speaks for the run
-    stored = None
+    stored = shape = None
     if resume not in (None, "latest", "best", "auto") and is_explicit_path(resume):
         stored = _footer_args(Path(resume).expanduser())  # a path elsewhere also brings its checkpoint dir
+    elif init_from is not None:
+        stored = shape = _model_shape(Path(init_from).expanduser())
     pre = config.resolve(cli=given, environ=os.environ, config_file=config_file, stored=stored, check=False)
     use_cuda = pre.device.startswith("cuda") or (pre.device == "auto" and torch.cuda.is_available())
     distributed.init(d, "cuda" if use_cuda else "cpu")
     try:
-        code = _run(d, given, resume, config_file, pre)
+        code = _run(d, given, resume, config_file, pre, init_from, shape)
     except BaseException:
         distributed.shutdown(d, together=False)
         raise
@@ -60,7 +67,7 @@ def run_session(given: dict[str, Any], *, resume: str | None, config_file: str |
 
 
 def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_file: str | None,
-         pre: TrainConfig) -> int:
+         pre: TrainConfig, init_from: str | None, shape: dict[str, Any] | None) -> int:
     from .metrics import MetricsLogger
     from .progress import RichProgress
     from .signals import GracefulStop
@@ -68,15 +75,24 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
 
     manager, state, info = _choose_checkpoint(d, pre, resume)
     try:
-        stored = continued_args(state["args"], info.path) if state is not None else None
-        cfg = config.resolve(cli=given, environ=os.environ, config_file=config_file, stored=stored)
+        stored = None
+        if state is not None:
+            if not isinstance(state.get("args"), dict):
+                raise CheckpointError(f"{info.path} holds no train options: it was written by another training "
+                                      "loop, so resume it with the loop that wrote it")
+            stored = continued_args(state["args"], info.path)
+        cfg = config.resolve(cli=given, environ=os.environ, config_file=config_file,
+                             stored=stored if stored is not None else shape)
         if stored is not None:
-            print_changes(stored, cfg.to_dict(), title="Changes from the checkpoint's options",
-                          console=Console(stderr=True, quiet=not d.is_main))
+            old = {**stored, "world_size": int(state.get("world_size", 1))}
+            print_changes(old, {**cfg.to_dict(), "world_size": d.world_size},
+                          title="Changes from the checkpoint's options", console=Console(stderr=True, quiet=not d.is_main))
         # Data and model are built, and so checked, before a fresh run writes anything.
-        trainer = Trainer(cfg, progress=RichProgress() if d.is_main else NoProgress())
+        trainer = Trainer(cfg, progress=RichProgress(log_interval=cfg.log_interval) if d.is_main else NoProgress())
         if state is not None:
             trainer.load_state_dict(state, info.path)
+        elif init_from is not None:
+            _load_weights(trainer, Path(init_from).expanduser())
         if d.is_main:
             if manager is None:
                 manager = CheckpointManager(cfg.checkpoint_dir, checkpoint_options(cfg))
@@ -85,10 +101,17 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
         metrics = MetricsLogger(cfg.metrics_path, tensorboard_dir=Path(cfg.log_dir) if cfg.use_tensorboard else None,
                                 enabled=d.is_main)
         try:
+            if d.is_main:
+                for line in trainer.describe():
+                    err_console.print(line, highlight=False, soft_wrap=True)
             if info is not None:
-                metrics.log("resume", path=str(info.path), step=trainer.step)
+                lineage = {"run": manager.run_id, "parent": info.meta.get("lineage", {}).get("run")} \
+                    if manager is not None else {}
+                metrics.log("resume", path=str(info.path), step=trainer.step, **lineage)
                 if d.is_main:
                     err_console.print(f"resumed from {info.path} at step {trainer.step}", highlight=False)
+            elif init_from is not None:
+                metrics.log("init_from", path=str(init_from), step=0)
             with GracefulStop() as stop:
                 code = trainer.run(stop, manager, metrics)
             if code == 0 and d.is_main:
@@ -165,3 +188,32 @@ def _footer_args(path: Path) -> dict[str, Any] | None:
     except CheckpointError:
         return None  # restore() reports the problem with the full fallback story
     return continued_args(args, path) if isinstance(args, dict) else None
+
+
+# ---------------------------------------------------------------------- --init-from: weights only
+
+
+def _model_shape(path: Path) -> dict[str, Any]:
+    """The model-shape options of the checkpoint a fine-tuning run starts from (its footer's `args`)."""
+    if not path.exists():
+        raise CheckpointError(f"--init-from {path}: no such checkpoint")
+    try:
+        args = read_footer(path).get("args")
+    except CheckpointError as e:
+        raise CheckpointError(f"--init-from {path}: {e}") from None
+    return {k: v for k, v in args.items() if k in MODEL_SHAPE} if isinstance(args, dict) else {}
+
+
+def _load_weights(trainer: Any, path: Path) -> None:
+    """A new run starting from a checkpoint's weights: the optimizer, schedule and step start afresh."""
+    if path.is_dir():
+        from .checkpoint.fileformat import verify_file
+        from .checkpoint.sharded import load_model_state
+
+        verify_file(path)
+        weights = load_model_state(path)
+    else:
+        weights = load_checkpoint(path)[0].get("model")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"--init-from {path}: the checkpoint holds no model weights")
+    parallel.load_full_weights(trainer.raw_model, weights, fsdp=trainer.cfg.fsdp)

@@ -3,18 +3,19 @@
     train                                   # the demo: default model, built-in corpus, a few minutes on CPU
     train --resume latest                   # continue bitwise-exactly where it stopped
 
-State lives in plain view on the Trainer. After every optimizer step the loop records the
-"boundary" (RNG states and data positions at that instant); every checkpoint is built from the
-model, optimizer and scheduler, which change only inside the optimizer update, plus that boundary.
-So a stop at any moment, mid-accumulation included, saves the exact state after the last finished
-step, and resuming from it replays the rest of the run bit for bit.
+State lives in plain view on the Trainer. Nothing a step does depends on hidden state: the
+learning rate is a function of the step and the options, the windows it reads are a function of
+the sampler's (epoch, index), and the dropout masks of micro-batch k are drawn from a seed made of
+(seed, step, k). So a checkpoint, which holds the model, the optimizer and those counters after the
+last finished step, resumes bit for bit, and with another number of ranks every step still reads
+the same windows with the same masks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,11 +24,12 @@ from typing import Any, Protocol
 import torch
 
 from . import distributed, parallel
-from .checkpoint import CheckpointError, CheckpointManager, Kind, SaveResult, sharded
-from .config import ConfigError, DataError, TrainConfig, format_duration
-from .data import TokenLoader, load_dataset
+from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, sharded
+from .config import ConfigError, DataError, TrainConfig, batch_split
+from .data import ShuffledSampler, TokenWindows, evaluation_windows, load_dataset
 from .metrics import MetricsLogger
 from .model import GPT, GPTConfig
+from .save_points import SavePoints
 from .signals import GracefulStop
 from .state import as_plain_rng_state, restore_rng_state, snapshot_rng
 
@@ -59,17 +61,23 @@ def pick_device(requested: str) -> str:
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def lr_multiplier(cfg: TrainConfig, total_steps: int):  # noqa: ANN201 - returns a plain function (LambdaLR saves no state for it)
-    floor = cfg.min_lr / cfg.lr if cfg.lr else 1.0
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (from 1): linear warmup, then cosine decay to cfg.final_lr.
 
-    def multiplier(done: int) -> float:
-        if done < cfg.warmup_steps:
-            return (done + 1) / cfg.warmup_steps
-        decay_steps = max(1, total_steps - cfg.warmup_steps)
-        progress = min(1.0, (done - cfg.warmup_steps) / decay_steps)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    A pure function of the step and the options, set on the optimizer before every step as nanoGPT
+    does: restoring an optimizer's state can never bring back an old schedule.
+    """
+    done = step - 1
+    if done < cfg.warmup_steps:
+        return cfg.lr * (done + 1) / cfg.warmup_steps
+    progress = min(1.0, (done - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.final_lr + (cfg.lr - cfg.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return multiplier
+
+def micro_batch_seed(seed: int, step: int, k: int) -> int:
+    """The torch seed of micro-batch `k` of step `step` (its dropout masks), whichever rank computes it."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{k}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class Trainer:
@@ -83,119 +91,122 @@ class Trainer:
             self.device = f"cuda:{self.dist.local_rank}"
             torch.cuda.set_device(self.device)
         distributed.init(self.dist, self.device)
-        world = self.dist.world_size
-        if cfg.batch_size % (cfg.mini_batch_size * world):
-            raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --mini-batch-size "
-                              f"{cfg.mini_batch_size} x {world} ranks")
         # --batch-size is global: every rank does its share, so N ranks follow the 1-rank schedule.
-        self.grad_accum = cfg.batch_size // (cfg.mini_batch_size * world)
-        device_type = "cuda" if self.device.startswith("cuda") else self.device
+        self.grad_accum = batch_split(cfg.batch_size, cfg.mini_batch_size, self.dist.world_size)
+        self.device_type = device_type = "cuda" if self.device.startswith("cuda") else self.device
+        self.pin = device_type == "cuda"  # pinned batches make the copies to the GPU truly asynchronous
         ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
         self.autocast = (nullcontext() if cfg.dtype == "float32"
                          else torch.autocast(device_type=device_type, dtype=ptdtype))
-        torch.manual_seed(cfg.seed)
-        import random
-
-        import numpy as np
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
 
         self.dataset = load_dataset(cfg.data, vocab_size=cfg.vocab_size)
-        ranks = {"rank": self.dist.rank, "world_size": world}
-        self.train_loader = TokenLoader(self.dataset.train, cfg.mini_batch_size, cfg.block_size, name="train", **ranks)
-        self.val_loader = TokenLoader(self.dataset.val, cfg.mini_batch_size, cfg.block_size, name="validation",
-                                      **ranks)
-        self.steps_per_epoch = self.train_loader.batches_per_pass // self.grad_accum
-        if self.steps_per_epoch == 0:
-            raise DataError(f"the training split holds {self.train_loader.batches_per_pass} mini-batches per rank, "
-                            f"fewer than one optimizer step needs ({self.grad_accum}); lower --batch-size")
-        epoch_steps = cfg.num_epochs * self.steps_per_epoch
-        self.total_steps = epoch_steps if cfg.max_steps is None else min(cfg.max_steps, epoch_steps)
+        self.sampler = ShuffledSampler(TokenWindows(self.dataset.train, cfg.block_size, name="train"),
+                                       cfg.batch_size, cfg.seed)
+        if self.sampler.steps_per_epoch == 0:
+            raise DataError(f"the training split holds {self.sampler.windows.count} windows of --block-size "
+                            f"{cfg.block_size}, fewer than one step's --batch-size {cfg.batch_size}")
+        self.val_windows = TokenWindows(self.dataset.val, cfg.block_size, name="validation")
+        self.eval_indices = evaluation_windows(self.val_windows, cfg.eval_steps * cfg.mini_batch_size)
+        self.step = 0  # optimizer steps completed
+        self.epoch = 0  # the epoch of the last completed step
+        self.total_steps = self._total_steps()
 
         self.model_config = GPTConfig(vocab_size=self.dataset.vocab_size, block_size=cfg.block_size,
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.raw_model = GPT(self.model_config).to(self.device)
         if cfg.fsdp and not self.dist.enabled:
-            raise ConfigError("--fsdp shards the model across processes: run it under torchrun with "
-                              "--nproc_per_node 2 or more")
+            raise ConfigError("--fsdp shards the model across processes: run it under torchrun "
+                              "(torchrun --nproc_per_node N -m train_improved --fsdp ...)")
         self.model = parallel.wrap(self.raw_model, self.dist, fsdp=cfg.fsdp)
         # Under --fsdp every rank writes its own shards, in the background: see _checkpoint.
-        self._shard_writer = sharded.ShardWriter() if cfg.fsdp else None
-        if self.dist.enabled:
-            torch.manual_seed(cfg.seed + self.dist.rank)  # same initial weights, but each rank its own dropout
+        self.shard_writer = sharded.ShardWriter() if cfg.fsdp else None
         # Checkpoints always hold the raw module's state_dict: no "_orig_mod." or "module." prefix.
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.optimizer = self.raw_model.configure_optimizer(cfg.lr, cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(cfg, self.total_steps))
+        self.optimizer = self.raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, device_type=device_type)
         self.scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
 
-        self.step = 0  # optimizer steps completed
         self.train_loss: float | None = None
         self.val_loss: float | None = None
-        self.best_val_loss: float | None = None
         self.last_eval_step = 0
+        self.resumed_world_size: int | None = None  # set by load_state_dict
+        self.epoch_ended = False  # the last step finished an epoch
+        self._prefetched: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         # --checkpoint-freq auto starts at the default interval until a save has been timed.
-        self._save_every = cfg.checkpoint_freq if isinstance(cfg.checkpoint_freq, int) else AUTO_FIRST_INTERVAL
-        self._updating = False  # inside the optimizer update: the state is not consistent
-        self._step_time: float | None = None  # seconds per step (moving average), for --checkpoint-freq auto
-        self._last_save: SaveResult | None = None
-        self._mark_boundary()
+        self.save_every = cfg.checkpoint_freq if isinstance(cfg.checkpoint_freq, int) else AUTO_FIRST_INTERVAL
+        self.step_time: float | None = None  # seconds per step (moving average), for --checkpoint-freq auto
+        self.save_cost: float | None = None  # the loop's stall of the last committed save, likewise
+        self.updating = False  # inside the optimizer update: the state is not consistent
+        self.manager: CheckpointManager | None = None
+        self.metrics: MetricsLogger | None = None
+
+    def _total_steps(self) -> int:
+        """The last step of the run: the end of --num-epochs from the sampler's position, or --max-steps."""
+        end = self.step + self.sampler.steps_left(self.cfg.num_epochs)
+        return end if self.cfg.max_steps is None else min(self.cfg.max_steps, end)
+
+    def describe(self) -> list[str]:
+        """The start-up banner: what is trained, on what, and where it is saved."""
+        cfg, d = self.cfg, self.dist
+        ranks = f" x {d.world_size} ranks ({'FSDP2' if cfg.fsdp else 'DDP'})" if d.enabled else ""
+        return [
+            f"data: {self.dataset.summary()}",
+            f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters ({cfg.n_layer} layers x {cfg.n_embd}, "
+            f"{cfg.n_head} heads, context {cfg.block_size}), {cfg.dtype} on {self.device}{ranks}",
+            f"schedule: steps {self.step + 1}-{self.total_steps}, batch {cfg.batch_size} x {cfg.block_size} tokens, "
+            f"{self.sampler.steps_per_epoch} steps per epoch, lr {cfg.lr:g} -> {cfg.final_lr:g}",
+            f"checkpoints: {Path(cfg.checkpoint_dir).resolve()}; metrics: {cfg.metrics_path}",
+        ]
 
     # ------------------------------------------------------------------ state
-
-    def _mark_boundary(self) -> None:
-        # After every optimizer step: kept raw and cheap here, turned into plain data only by state_dict().
-        self._boundary = {
-            "rng_state": snapshot_rng(),
-            "dataloader_state": {
-                **{f"train_{k}": v for k, v in self.train_loader.state_dict().items()},
-                **{f"val_{k}": v for k, v in self.val_loader.state_dict().items()},
-            },
-        }
-
-    def epoch_of(self, step: int) -> int:
-        return max(0, step - 1) // self.steps_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
         """Everything that determines the rest of the run, as plain data (weights_only-loadable).
 
         Under --fsdp, `model` and `optimizer["state"]` hold this rank's shards (DTensors) and
-        `_checkpoint` writes them with DCP; everything else is the same as without it.
+        `_checkpoint` writes them with DCP; everything else is the same as without it. Nothing in it
+        belongs to one rank, so any number of ranks can continue it.
         """
-        model_state, optimizer_state = parallel.state_dicts(self.raw_model, self.optimizer, fsdp=self.cfg.fsdp)
+        cfg = self.cfg
+        model_state, optimizer_state = parallel.state_dicts(self.raw_model, self.optimizer, fsdp=cfg.fsdp)
+        data = self.sampler.state_dict()
         state = {
             "step": self.step,
-            "epoch": self.epoch_of(self.step),
+            "epoch": self.epoch,
             "model": model_state,
             "optimizer": optimizer_state,
-            "scheduler": self.scheduler.state_dict(),
+            # The schedule itself is `learning_rate(options, step)`: recorded for readers, never restored.
+            "scheduler": {"name": "linear_warmup_cosine", "lr": cfg.lr, "min_lr": cfg.final_lr,
+                          "warmup_steps": cfg.warmup_steps, "total_steps": self.total_steps,
+                          "last_lr": learning_rate(cfg, self.step, self.total_steps) if self.step else 0.0},
             "train_loss": self.train_loss,
             "val_loss": self.val_loss,
-            "best_val_loss": self.best_val_loss,
+            "best_val_loss": self.manager.best_value if self.manager is not None else None,  # of --metric
             "last_eval_step": self.last_eval_step,
-            "args": self.cfg.to_dict(),
+            "args": cfg.to_dict(),
             "world_size": self.dist.world_size,
+            "rng_state": as_plain_rng_state(snapshot_rng()),
+            # Evaluation reads a fixed set of windows, so the validation position is always its start.
+            "dataloader_state": {"train_epoch": data["epoch"], "train_index": data["index"],
+                                 "train_curr_shard": data["curr_shard"], "train_curr_pos": data["curr_pos"],
+                                 "train_fingerprint": data["fingerprint"], "val_curr_shard": 0, "val_curr_pos": 0},
+            "checkpoint_freq_auto": {"every": self.save_every, "step_time": self.step_time,
+                                     "save_cost": self.save_cost},
         }
-        boundary = {"rng_state": as_plain_rng_state(self._boundary["rng_state"]),
-                    "dataloader_state": dict(self._boundary["dataloader_state"])}
-        state.update(boundary)
-        if self.dist.enabled:  # a collective: every rank calls state_dict() at the same points
-            state["rank_states"] = distributed.gather(self.dist, boundary)
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any], path: Path | None = None) -> None:
         """Restore a checkpoint's state; `path` is where it came from (a sharded one keeps its tensors there)."""
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != self.dist.world_size:
-            raise CheckpointError(f"the checkpoint was written by {saved_world} rank(s) and this run has "
-                                  f"{self.dist.world_size}; resume with the same number of processes (re-splitting "
-                                  "the data and RNG streams across another world size is not supported)")
+        self.resumed_world_size = int(state.get("world_size", 1))
         if bool(state.get("sharded")) != self.cfg.fsdp:
             written = "with --fsdp (a sharded directory)" if state.get("sharded") else "without --fsdp"
             raise CheckpointError(f"the checkpoint was written {written}; resume it the same way")
+        if "dataloader_state" not in state or "train_index" not in state["dataloader_state"]:
+            raise CheckpointError("the checkpoint holds no data position of this version of train_improved "
+                                  "(written before shuffled sampling, or by another program)")
         if self.cfg.fsdp:
             assert path is not None
             parallel.load_sharded(self.raw_model, self.optimizer, path, state["optimizer"]["param_groups"])
@@ -207,75 +218,96 @@ class Trainer:
                 raise CheckpointError("the checkpoint's model does not fit this model shape: "
                                       f"{lines[1].strip() if len(lines) > 1 else e}") from None
             self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        # The options of this run decide the hyperparameters: the saved param_groups carry the old ones.
+        self.raw_model.apply_optimizer_options(self.optimizer, self.cfg.weight_decay, device_type=self.device_type)
         if self.scaler.is_enabled() and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        if self.dist.enabled:
-            state = {**state, **state["rank_states"][self.dist.rank]}
         data = state["dataloader_state"]
-        self.train_loader.load_state_dict({"curr_shard": data["train_curr_shard"], "curr_pos": data["train_curr_pos"]})
-        self.val_loader.load_state_dict({"curr_shard": data["val_curr_shard"], "curr_pos": data["val_curr_pos"]})
-        self.step = int(state["step"])
+        self.sampler.load_state_dict({"epoch": data["train_epoch"], "index": data["train_index"]})
+        if data.get("train_fingerprint") != self.sampler.windows.fingerprint():
+            self.sampler.restart()
+            logger.warning("the training data differs from the checkpoint's: continuing from step %d on this data "
+                           "from the start of a new epoch (%d); weights, optimizer and step are kept",
+                           int(state["step"]), self.sampler.epoch)
+        self.step, self.epoch = int(state["step"]), int(state.get("epoch") or 0)
         self.train_loss, self.val_loss = state.get("train_loss"), state.get("val_loss")
-        self.best_val_loss = state.get("best_val_loss")
         self.last_eval_step = int(state.get("last_eval_step", self.step))
+        auto = state.get("checkpoint_freq_auto") or {}
+        if self.cfg.checkpoint_freq == "auto":
+            self.save_every = auto.get("every") or self.save_every
+            self.step_time, self.save_cost = auto.get("step_time"), auto.get("save_cost")
         restore_rng_state(state["rng_state"])
-        self._mark_boundary()
+        self.total_steps = self._total_steps()
+        self._prefetched = None
 
     # ------------------------------------------------------------------ steps
 
+    def _batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch `micro` of the next step, on the device (copied asynchronously on CUDA)."""
+        k = micro * self.dist.world_size + self.dist.rank
+        x, y = self.sampler.micro_batch(k, self.cfg.mini_batch_size, pin=self.pin)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
     def train_step(self, stop: GracefulStop) -> float | None:
         """One optimizer step; None if a stop request abandoned it (nothing was updated)."""
-        accum = self.grad_accum
+        cfg, accum, step = self.cfg, self.grad_accum, self.step + 1
+        lr = learning_rate(cfg, step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        position = (self.sampler.epoch, self.sampler.index)
+        batch = self._prefetched[1] if self._prefetched and self._prefetched[0] == position else self._batch(0)
+        self._prefetched = None
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
             if distributed.any_rank(self.dist, stop.requested, self.device):
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
-            x, y = (t.to(self.device, non_blocking=True) for t in self.train_loader.next_batch())
-            with parallel.gradient_sync(self.model, self.raw_model, self.dist, fsdp=self.cfg.fsdp,
-                                        last=micro == accum - 1):
+            torch.manual_seed(micro_batch_seed(cfg.seed, step, micro * self.dist.world_size + self.dist.rank))
+            with parallel.gradient_sync(self.model, self.raw_model, self.dist, fsdp=cfg.fsdp, last=micro == accum - 1):
                 with self.autocast:
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(*batch)
+                if micro + 1 < accum:
+                    batch = self._batch(micro + 1)  # the host prepares the next batch while the device computes
                 loss = loss / accum  # the gradient of the mean over the whole batch
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        self._updating = True  # an exception from here on leaves model and optimizer half-updated
-        if self.cfg.grad_clip > 0:
+        self.updating = True  # an exception from here on leaves model and optimizer half-updated
+        if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)  # flush the gradients now, no need for this memory
-        self.scheduler.step()
-        self._updating = False
-        self.step += 1
-        self._mark_boundary()
-        return distributed.mean(self.dist, loss_sum.item(), self.device)
+        self.updating = False
+        self.step, self.epoch = step, self.sampler.epoch
+        self.epoch_ended = self.sampler.advance()
+        self._prefetched = ((self.sampler.epoch, self.sampler.index), self._batch(0))  # while the update runs
+        return distributed.mean(self.dist, loss_sum)  # the one host-device sync of a step
 
     @torch.no_grad()
     def evaluate(self, stop: GracefulStop) -> float | None:
-        """Mean loss over --eval-steps held-out batches; None if a stop request cut it short.
+        """Mean loss over the fixed held-out windows (--eval-steps micro-batches); None if a stop cut it short.
 
-        The batches are spread evenly over the whole held-out split (a prefix would be a few files)
-        and are the same at every evaluation, so values compare across evaluations and resumes. In
-        eval mode dropout draws no random numbers, so the training RNG stream is untouched.
+        The windows are spread evenly over the whole held-out split and are the same at every
+        evaluation, whatever the number of ranks, so values compare across evaluations, resumes and
+        world sizes. In eval mode dropout draws no random numbers.
         """
         self.model.eval()
-        total = 0.0
-        for position in self.val_loader.spread(self.cfg.eval_steps):
+        m, n, world = self.cfg.mini_batch_size, self.cfg.eval_steps, self.dist.world_size
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for round_ in range(-(-n // world)):
             if distributed.any_rank(self.dist, stop.requested, self.device):
                 self.model.train()
                 return None
-            self.val_loader.load_state_dict(position)
-            x, y = (t.to(self.device) for t in self.val_loader.next_batch())
+            k = round_ * world + self.dist.rank
+            # A rank without a batch this round still runs one (FSDP's forward is a collective), uncounted.
+            x, y = self.val_windows.gather(self.eval_indices[min(k, n - 1) * m:][:m], pin=self.pin)
             with self.autocast:
-                _, loss = self.model(x, y)
-            total += loss.item()
+                _, loss = self.model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            if k < n:
+                total += loss.double()
         self.model.train()
-        self._boundary["dataloader_state"].update(
-            {f"val_{k}": v for k, v in self.val_loader.state_dict().items()})
-        return distributed.mean(self.dist, total / self.cfg.eval_steps, self.device)
+        return distributed.total(self.dist, total) / n
 
     # ------------------------------------------------------------------ the loop
 
@@ -283,208 +315,64 @@ class Trainer:
         """Train to the end or until stopped; return the process exit code.
 
         `manager` is None on every rank but 0: those ranks take part in the collectives of a save
-        (gathering their RNG and data positions) and wait at a barrier while rank 0 writes.
+        and wait at a barrier while rank 0 writes.
         """
         cfg = self.cfg
         self.manager, self.metrics = manager, metrics
+        if manager is not None and cfg.warmup_steps >= self.total_steps > self.step:
+            logger.warning("--warmup-steps %d is not shorter than the run (%d steps): the learning rate never "
+                           "reaches --lr %g", cfg.warmup_steps, self.total_steps, cfg.lr)
         self.progress.start(self.total_steps, self.step)
-        if cfg.checkpoint_freq == "auto" and manager is not None:
-            logger.info("checkpoint interval: every %d steps until a save has been timed (--checkpoint-freq auto, "
-                        "MTBF %s)", self._save_every, format_duration(cfg.mtbf))
+        saves = SavePoints(self)
         tokens_per_step = cfg.batch_size * cfg.block_size
         try:
-            if self._eval_due(self.step) and self.last_eval_step < self.step:
-                self._evaluate_and_save(stop)  # an evaluation a stop cut short is redone first
+            if self.eval_due(self.step) and self.last_eval_step < self.step:
+                saves.evaluate_and_save(stop)  # an evaluation a stop cut short is redone first
             # Every stop decision is collective (train_step and evaluate agree before each batch), so
             # under torchrun all ranks leave this loop at the same step.
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
-                lr = self.optimizer.param_groups[0]["lr"]
                 loss = self.train_step(stop)
                 if loss is None:
                     break
                 dt = time.perf_counter() - t0
-                self._step_time = dt if self._step_time is None else 0.9 * self._step_time + 0.1 * dt
+                self.step_time = dt if self.step_time is None else 0.9 * self.step_time + 0.1 * dt
                 self.train_loss = loss
-                self.metrics.log("step", step=self.step, epoch=self.epoch_of(self.step), loss=loss, lr=lr,
-                                 tokens_per_s=tokens_per_step / dt)
+                lr = self.optimizer.param_groups[0]["lr"]
+                metrics.log("step", step=self.step, epoch=self.epoch, loss=loss, lr=lr,
+                            tokens_per_s=tokens_per_step / dt)
                 self.progress.update(self.step, loss=loss, lr=lr, tokens_per_s=tokens_per_step / dt)
-                self._after_step(stop)
-            signum = self._agreed_signal(stop)
+                saves.after_step(stop)
+            signum = saves.agreed_signal(stop)
             if signum is not None:
-                return self._emergency_stop(signum)
-            self._wait_for_saves()
-            self._save([Kind.ROLLING], final=True)  # latest.pt holds the final state
-            self._wait_for_saves()
-            distributed.barrier(self.dist)
-            return 0
+                return saves.emergency_stop(signum)
+            return saves.finish()
         except Exception:
-            self._emergency_after_crash()
+            saves.emergency_after_crash()
             raise
         finally:
             self.progress.stop()
 
-    def _agreed_signal(self, stop: GracefulStop) -> int | None:
-        """The stop signal any rank received, the same on every rank; None if none did."""
-        seen = [s for s in distributed.gather(self.dist, stop.signum) if s is not None]
-        return seen[0] if seen else None
-
-    def _eval_due(self, step: int) -> bool:
+    def eval_due(self, step: int) -> bool:
         return step > 0 and (step % self.cfg.eval_interval == 0 or step == self.total_steps)
 
-    def _wait_for_saves(self) -> None:
-        if self._shard_writer is not None:
-            self._shard_writer.wait()  # this rank's shards; rank 0's store waits for everyone's
-        if self.manager is not None:
-            self._log_results(self.manager.wait_until_finished())
-
-    def _after_step(self, stop: GracefulStop) -> None:
-        if self.manager is not None:
-            self._log_results(self.manager.poll())
-        kinds = []
-        if self._eval_due(self.step):
-            kinds += self._evaluate_and_save(stop, save=False)
-        if self._save_every and self.step % self._save_every == 0:
-            kinds.append(Kind.ROLLING)
-        if self.step % self.steps_per_epoch == 0:
-            kinds.append(Kind.EPOCH)
-            self.train_loader.reset()  # the next epoch starts at the beginning; a partial batch is dropped
-            self._mark_boundary()
-        self._save(kinds)
-
-    def _evaluate_and_save(self, stop: GracefulStop, save: bool = True) -> list[Kind]:
-        val = self.evaluate(stop)
-        if val is None:
-            return []
-        self.val_loss, self.last_eval_step = val, self.step
-        if self.best_val_loss is None or val < self.best_val_loss:
-            self.best_val_loss = val
-        self.metrics.log("eval", step=self.step, val_loss=val)
-        logger.info("step %d: val_loss %.4f (best %.4f)", self.step, val, self.best_val_loss)
-        # Rank 0's store knows the best so far; every rank must take the same decision (a save is collective).
-        improved = self.manager is not None and self.manager.is_improvement(self._metrics())
-        kinds = [Kind.BEST] if distributed.any_rank(self.dist, improved, self.device) else []
-        if save:
-            self._save(kinds)
-        return kinds
-
-    def _metrics(self) -> dict[str, float]:
+    def metrics_now(self) -> dict[str, float]:
+        """What --metric can choose from, as measured so far."""
         return {k: v for k, v in (("val_loss", self.val_loss), ("train_loss", self.train_loss)) if v is not None}
-
-    def _save(self, kinds: list[Kind], final: bool = False) -> None:
-        if final:
-            latest = self.manager.latest() if self.manager is not None else None
-            committed = latest is not None and latest.ok and latest.step == self.step
-            if distributed.any_rank(self.dist, committed, self.device):
-                return  # the final state is already committed
-        if not kinds:
-            return
-        self._checkpoint(kinds)
-        if self.manager is not None:
-            # The save just made (synchronous) or the one before it (async) is done: log it now, so
-            # the auto interval below uses the newest measured cost.
-            self._log_results(self.manager.poll())
-            if self.cfg.checkpoint_freq == "auto":
-                self._retune_checkpoint_freq()
-        if self.dist.enabled:
-            self._save_every = distributed.gather(self.dist, self._save_every)[0]  # rank 0 measured the cost
-            distributed.barrier(self.dist)
-
-    def _checkpoint(self, kinds: list[Kind], verify: bool = True) -> None:
-        """Save the current state as `kinds`. Every rank calls this: gathering the state is collective.
-
-        Rank 0 hands the state to the store. Under --fsdp every rank first starts writing its
-        shards (DCP) into a staging directory that rank 0 names: the loop waits only for their copy
-        to host memory, and the store commits once every rank's files are durable.
-        """
-        started = time.perf_counter()
-        state = self.state_dict()
-        shards = None
-        if self._shard_writer is not None:
-            tensors = sharded.split_tensors(state.pop("model"), state["optimizer"])
-            state["sharded"] = True
-            staging = sharded.staging_directory(Path(self.cfg.checkpoint_dir)) if self.dist.is_main else None
-            shards = self._shard_writer.start(distributed.gather(self.dist, staging)[0], tensors)
-        if self.manager is not None:
-            self.manager.save(state, step=self.step, epoch=self.epoch_of(self.step), kinds=kinds,
-                              metrics=self._metrics(), meta={"args": self.cfg.to_dict()}, verify=verify,
-                              shards=shards, stall_before=time.perf_counter() - started)
-
-    def _log_results(self, results: list[SaveResult]) -> None:
-        assert self.manager is not None
-        for r in results:
-            if r.error:
-                continue  # the store has already warned, naming the file and the cause
-            self.metrics.log("checkpoint", step=r.step, kind=r.kind.value,
-                             path=str(self.manager.directory / r.name), bytes=r.bytes,
-                             stall_s=r.stall_s, write_s=r.write_s, cleanup_s=r.cleanup_s)
-            self._last_save = r
-
-    def _retune_checkpoint_freq(self) -> None:
-        """--checkpoint-freq auto: Young's interval sqrt(2 * cost * MTBF), in steps, from measured costs."""
-        if self._last_save is None or not self._step_time:
-            return
-        cost = max(self._last_save.stall_s, 1e-3)
-        interval_s = math.sqrt(2 * cost * self.cfg.mtbf)
-        every = max(1, round(interval_s / self._step_time))
-        if every != self._save_every:
-            logger.info("checkpoint interval: every %d steps (save cost %.3fs, MTBF %s)", every, cost,
-                        format_duration(self.cfg.mtbf))
-            self._save_every = every
-
-    def _emergency_stop(self, signum: int) -> int:
-        logger.warning("received %s: saving an emergency checkpoint at step %d", signal.Signals(signum).name, self.step)
-        started = time.perf_counter()
-        self._wait_for_saves()  # commits stay in order
-        verify = True
-        if self.manager is not None:
-            expected = self.manager.expected_save_seconds()
-            budget = self.cfg.emergency_budget
-            verify = expected is None or expected <= budget
-            if not verify:
-                logger.warning("an emergency save is expected to take %.1fs, over --emergency-budget %.0fs: skipping "
-                               "its read-back verification (its checksum is still checked on load)", expected, budget)
-        self._checkpoint([Kind.EMERGENCY], verify=verify)
-        if self.manager is None:
-            distributed.barrier(self.dist)  # rank 0 commits the one emergency checkpoint
-            return 128 + signum
-        results = self.manager.wait_until_finished()
-        self._log_results(results)
-        if results and not any(r.error for r in results):
-            logger.warning("emergency checkpoint %s written in %.1fs; resume with: train --resume latest",
-                           results[0].name, time.perf_counter() - started)
-        distributed.barrier(self.dist)
-        return 128 + signum
-
-    def _emergency_after_crash(self) -> None:
-        if self.dist.enabled:
-            # The other ranks may be blocked in a collective, so the per-rank state cannot be gathered;
-            # torchrun stops them. latest.pt is the last consistent state.
-            logger.error("training failed at step %d on rank %d; under torchrun no emergency checkpoint is "
-                         "written after a crash: resume from latest.pt", self.step, self.dist.rank)
-            return
-        if self._updating or self.manager is None:
-            logger.error("the error hit during the optimizer update, so the in-memory state is inconsistent: "
-                         "no emergency checkpoint; latest.pt is intact")
-            return
-        logger.error("training failed at step %d: writing an emergency checkpoint before the traceback", self.step)
-        try:
-            self.manager.wait_until_finished()
-            self._checkpoint([Kind.EMERGENCY])
-            self._log_results(self.manager.wait_until_finished())
-        except Exception as e:  # noqa: BLE001 - the original error matters more; report this one and go on
-            logger.error("the emergency checkpoint also failed: %s", e)
 
     # ------------------------------------------------------------------ the end of the demo
 
     def sample(self, length: int) -> str | None:
-        """A short text sample from the best model (byte-level data only)."""
+        """A short text sample from the best model of this line of training (byte-level data only)."""
         if length <= 0 or self.dataset.vocab_size != 256 or self.manager is None or self.cfg.fsdp:
             return None  # under --fsdp rank 0 holds only a shard of the model
         best = self.manager.best()
-        if best is not None and best.ok:
-            state, _ = self.manager.restore("best", map_location=self.device)
-            self.raw_model.load_state_dict(state["model"])
+        if best is not None and best.ok and self.manager.on_current_line(best):
+            try:
+                state, _ = load_checkpoint(best.path, map_location=self.device)
+                self.raw_model.load_state_dict(state["model"])
+            except CheckpointError as e:
+                logger.warning("sampling from the last model instead of %s: %s", best.name, e)
         self.raw_model.eval()
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         prompt = torch.tensor([list(b"def ")], dtype=torch.long, device=self.device)

@@ -1,0 +1,232 @@
+"""When the trainer saves, and how it ends: save points, emergency saves, the final commit.
+
+    saves = SavePoints(trainer)
+    saves.after_step(stop)            # evaluation, best, rolling and epoch saves that are due now
+    saves.emergency_stop(signum)      # a stop request: one emergency checkpoint, exit 128 + signum
+    saves.finish()                    # the final state committed (exit 0), or exit 3 if it could not be
+
+Every save is a collective under torchrun (the state is gathered, shards are written by every
+rank); rank 0 alone holds the store and decides, and tells the other ranks what it decided.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from . import distributed
+from .checkpoint import Kind, SaveResult, sharded
+from .checkpoint.records import human_bytes
+from .config import TrainConfig, format_duration
+from .signals import GracefulStop
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+logger = logging.getLogger("train_improved")
+EXIT_NOT_DURABLE = 3  # training ended, but its final state could not be committed (disk full, I/O errors)
+
+
+class SavePoints:
+    def __init__(self, trainer: Trainer) -> None:
+        self.t = trainer
+        self.cfg = trainer.cfg
+        if self.cfg.checkpoint_freq == "auto" and trainer.manager is not None:
+            known = "" if trainer.save_cost is None else f" (resumed: save cost {trainer.save_cost:.3f}s)"
+            logger.info("checkpoint interval: every %d steps %s(--checkpoint-freq auto, MTBF %s)%s",
+                        trainer.save_every, "" if known else "until a save has been timed ",
+                        format_duration(self.cfg.mtbf), known)
+
+    def after_step(self, stop: GracefulStop) -> None:
+        t = self.t
+        if t.manager is not None:
+            self.log(t.manager.poll())
+        kinds = []
+        if t.eval_due(t.step):
+            kinds += self.evaluate_and_save(stop, save=False)
+        if t.save_every and t.step % t.save_every == 0:
+            kinds.append(Kind.ROLLING)
+        if t.epoch_ended:
+            kinds.append(Kind.EPOCH)
+        self.save(kinds)
+
+    def evaluate_and_save(self, stop: GracefulStop, save: bool = True) -> list[Kind]:
+        t = self.t
+        val = t.evaluate(stop)
+        if val is None:
+            return []
+        t.val_loss, t.last_eval_step = val, t.step
+        assert t.metrics is not None
+        t.metrics.log("eval", step=t.step, val_loss=val)
+        # Rank 0's store holds the one best tracker; every rank must take the same decision (a save is collective).
+        improved = t.manager is not None and t.manager.is_improvement(t.metrics_now())
+        improved = distributed.any_rank(t.dist, improved, t.device)
+        if t.manager is not None:
+            best = t.manager.best_value
+            note = "new best" if improved else f"best {self.cfg.metric} {best:.4f}" if best is not None else "no best"
+            logger.info("step %d: val_loss %.4f (%s)", t.step, val, note)
+        kinds = [Kind.BEST] if improved else []
+        if save:
+            self.save(kinds)
+        return kinds
+
+    def save(self, kinds: list[Kind], final: bool = False) -> None:
+        t = self.t
+        if final:
+            if distributed.any_rank(t.dist, self._committed(), t.device):
+                return  # the final state is already committed
+        if not kinds:
+            return
+        self.checkpoint(kinds)
+        if t.manager is not None:
+            # The save just made (synchronous) or the one before it (async) is done: log it now, so
+            # the auto interval below uses the newest measured cost.
+            self.log(t.manager.poll())
+            if self.cfg.checkpoint_freq == "auto":
+                self._retune()
+        if t.dist.enabled:
+            t.save_every = distributed.gather(t.dist, t.save_every)[0]  # rank 0 measured the cost
+            distributed.barrier(t.dist)
+
+    def checkpoint(self, kinds: list[Kind], emergency_budget: float | None = None) -> list[SaveResult]:
+        """Save the current state as `kinds`. Every rank calls this: gathering the state is collective.
+
+        Rank 0 hands the state to the store. Under --fsdp every rank first starts writing its
+        shards (DCP) into a staging directory that rank 0's store names: the loop waits only for
+        their copy to host memory, and the store commits once every rank's files are durable.
+        An emergency save (`emergency_budget`, or None on a crash) is waited for; returns its results.
+        """
+        t = self.t
+        started = time.perf_counter()
+        state = t.state_dict()
+        shards = None
+        if t.shard_writer is not None:
+            tensors = sharded.split_tensors(state.pop("model"), state["optimizer"])
+            state["sharded"] = True
+            staging = t.manager.staging_directory() if t.manager is not None else None
+            shards = t.shard_writer.start(distributed.gather(t.dist, staging)[0], tensors)
+        if t.manager is None:
+            return []
+        options = dict(epoch=t.epoch, metrics=t.metrics_now(), args=self.cfg.to_dict(), shards=shards,
+                       meta={"world_size": t.dist.world_size, "eval_step": t.last_eval_step})
+        if Kind.EMERGENCY in kinds:
+            return t.manager.emergency_save(state, step=t.step, budget=emergency_budget,
+                                            stall_before=time.perf_counter() - started, **options)
+        t.manager.save(state, step=t.step, kinds=kinds, stall_before=time.perf_counter() - started, **options)
+        return []
+
+    def wait_for_saves(self) -> None:
+        t = self.t
+        if t.shard_writer is not None:
+            t.shard_writer.wait()  # this rank's shards; rank 0's store waits for everyone's
+        if t.manager is not None:
+            self.log(t.manager.wait_until_finished())
+
+    def log(self, results: list[SaveResult]) -> None:
+        """One metrics record and one log line per committed save (the store has warned of failures)."""
+        t = self.t
+        assert t.manager is not None and t.metrics is not None
+        for r in results:
+            if r.error:
+                continue
+            t.metrics.log("checkpoint", step=r.step, kind=r.kind.value, path=str(t.manager.directory / r.name),
+                          bytes=r.bytes, stall_s=r.stall_s, write_s=r.write_s, cleanup_s=r.cleanup_s)
+            logger.info("saved %s (step %d, %s, stall %.3fs, write %.2fs)", r.name, r.step, human_bytes(r.bytes),
+                        r.stall_s, r.write_s)
+            t.save_cost = r.stall_s
+
+    def _retune(self) -> None:
+        """--checkpoint-freq auto: Young's interval sqrt(2 * cost * MTBF), in steps, from measured costs."""
+        t = self.t
+        if t.save_cost is None or not t.step_time:
+            return
+        cost = max(t.save_cost, 1e-3)
+        every = max(1, round(math.sqrt(2 * cost * self.cfg.mtbf) / t.step_time))
+        if every != t.save_every:
+            logger.info("checkpoint interval: every %d steps (save cost %.3fs, MTBF %s)", every, cost,
+                        format_duration(self.cfg.mtbf))
+            t.save_every = every
+
+    def _committed(self) -> bool:
+        """Whether latest.pt holds the current step, on this line of training (rank 0's view)."""
+        t = self.t
+        latest = t.manager.latest() if t.manager is not None else None
+        return latest is not None and latest.ok and latest.step == t.step and t.manager.on_current_line(latest)
+
+    # ------------------------------------------------------------------ how a run ends
+
+    def agreed_signal(self, stop: GracefulStop) -> int | None:
+        """The stop signal any rank received, the same on every rank; None if none did."""
+        seen = [s for s in distributed.gather(self.t.dist, stop.signum) if s is not None]
+        return seen[0] if seen else None
+
+    def finish(self) -> int:
+        """Commit the final state; 0 if it is durable, EXIT_NOT_DURABLE (naming the last durable step) if not."""
+        t = self.t
+        self.wait_for_saves()
+        self.save([Kind.ROLLING], final=True)  # latest.pt holds the final state
+        self.wait_for_saves()
+        distributed.barrier(t.dist)
+        if distributed.any_rank(t.dist, t.manager is not None and not self._committed(), t.device):
+            if t.manager is not None:
+                latest = t.manager.latest()
+                last = f"step {latest.step} ({latest.name})" if latest is not None and latest.ok else "none"
+                logger.error("training reached step %d but its final state could not be saved (see the warnings "
+                             "above); the last durable checkpoint is %s. Resume with: %s", t.step, last,
+                             resume_hint(self.cfg, t.dist))
+            return EXIT_NOT_DURABLE
+        return 0
+
+    def emergency_stop(self, signum: int) -> int:
+        t = self.t
+        logger.warning("received %s: saving an emergency checkpoint at step %d", signal.Signals(signum).name, t.step)
+        started = time.perf_counter()
+        self.wait_for_saves()  # commits stay in order
+        results = self.checkpoint([Kind.EMERGENCY], emergency_budget=self.cfg.emergency_budget)
+        if t.manager is None:
+            distributed.barrier(t.dist)  # rank 0 commits the one emergency checkpoint
+            return 128 + signum
+        self.log(results)
+        done = [r for r in results if r.kind is Kind.EMERGENCY and not r.error]
+        if done:
+            logger.warning("emergency checkpoint %s written in %.1fs; resume with: %s", done[0].name,
+                           time.perf_counter() - started, resume_hint(self.cfg, t.dist))
+        else:
+            latest = t.manager.latest()
+            logger.error("the emergency checkpoint could not be saved; the last durable checkpoint is step %s. "
+                         "Resume with: %s", latest.step if latest is not None and latest.ok else "none",
+                         resume_hint(self.cfg, t.dist))
+        distributed.barrier(t.dist)
+        return 128 + signum
+
+    def emergency_after_crash(self) -> None:
+        t = self.t
+        if t.dist.enabled:
+            # The other ranks may be blocked in a collective, so the state cannot be gathered;
+            # torchrun stops them. latest.pt is the last consistent state.
+            logger.error("training failed at step %d on rank %d; under torchrun no emergency checkpoint is "
+                         "written after a crash: resume from latest.pt", t.step, t.dist.rank)
+            return
+        if t.updating or t.manager is None:
+            logger.error("the error hit during the optimizer update, so the in-memory state is inconsistent: "
+                         "no emergency checkpoint; latest.pt is intact")
+            return
+        logger.error("training failed at step %d: writing an emergency checkpoint before the traceback", t.step)
+        try:
+            self.wait_for_saves()
+            self.log(self.checkpoint([Kind.EMERGENCY]))
+        except Exception as e:  # noqa: BLE001 - the original error matters more; report this one and go on
+            logger.error("the emergency checkpoint also failed: %s", e)
+
+
+def resume_hint(cfg: TrainConfig, d: distributed.Dist) -> str:
+    """The command that resumes this run, typed where it was started (the stored options do the rest)."""
+    words = ["train"] if not d.enabled else ["torchrun", "--nproc_per_node", str(d.world_size), "-m", "train_improved"]
+    words += ["--resume", "latest"]
+    if cfg.checkpoint_dir != TrainConfig.checkpoint_dir:
+        words += ["--checkpoint-dir", cfg.checkpoint_dir]
+    return shlex.join(words)
