@@ -27,7 +27,7 @@ def fill(directory: Path, count: int, mb: float) -> None:
     state = {"w": torch.zeros(int(mb * 2**20 / 4))}
     with CheckpointManager(directory, CheckpointOptions(keep_rolling=count, async_save=False)) as m:
         for step in range(1, count + 1):
-            m.save(state, step=step, kinds=Kind.ROLLING, meta={"args": {"lr": 0.001}})
+            m.save(state, step=step, kinds=Kind.ROLLING, args={"lr": 0.001})
 
 
 def timed(fn, repeats: int = 5) -> float:

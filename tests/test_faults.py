@@ -6,6 +6,7 @@ The figures of the last run are recorded in benchmarks/RELIABILITY.md.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from train_improved.checkpoint import storage, verify_file
+from train_improved.save_points import EXIT_NOT_DURABLE
 
 from conftest import CORPUS_BYTES, TINY, corpus_bytes, run_train, step_losses
 
@@ -163,7 +165,7 @@ def test_hostile_pickle_never_runs_anywhere(finished_run: Path, tmp_path: Path) 
     Evil.marker = tmp_path / "PWNED"
     evil = run / "checkpoints" / "latest.pt"
     evil.unlink()
-    forge(evil, {"model": Evil()})
+    forge(evil, {"model": Evil()}, step=24)  # posing as the newest state, so the chain tries it first
     resumed = run_train("--data", "corpus.txt", *TINY, "--max-steps", "26", "--num-epochs", "5",
                         "--resume", "latest", cwd=run)
     assert resumed.returncode == 0 and "needs arbitrary code" in " ".join(resumed.stderr.split())
@@ -174,7 +176,10 @@ def test_hostile_pickle_never_runs_anywhere(finished_run: Path, tmp_path: Path) 
     assert explicit.returncode == 1 and "needs arbitrary code" in " ".join(explicit.stderr.split())
     assert "Traceback" not in explicit.stderr
     shutil.copy(outside, run / "checkpoints" / "rolling_step_000099.pt")
-    run_train("--list-checkpoints", "--verify", cwd=run)
+    listing = run_train("--list-checkpoints", "--verify", "--json", cwd=run)
+    assert listing.returncode == 1 and "Traceback" not in listing.stderr
+    statuses = {r["name"]: r["status"] for r in json.loads(listing.stdout)["checkpoints"]}
+    assert statuses["rolling_step_000099.pt"].startswith("BAD") and "arbitrary code" in statuses["rolling_step_000099.pt"]
     tool = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "generate_resume_command.py"),
                            str(outside), "--compare", "--lr", "0.1"], cwd=run, capture_output=True, text=True)
     assert "Traceback" not in tool.stderr
@@ -217,11 +222,15 @@ def test_disk_filling_up_mid_run_is_survived(small_tmpfs: Path, tmp_path: Path) 
     out = run_train("--data", "corpus.txt", *HEAVY, "--max-steps", "20", "--checkpoint-dir", str(small_tmpfs),
                     cwd=tmp_path)
     assert "Traceback" not in out.stderr
-    assert out.returncode == 0, out.stderr
     text = " ".join(out.stderr.split())
     assert "not enough free space" in text or "No space left on device" in text
     latest = verify_file(small_tmpfs / "latest.pt")
     assert latest["step"] > 0
+    if latest["step"] < 20:  # the final state did not fit: not "done", and the last durable step is named
+        assert out.returncode == EXIT_NOT_DURABLE, out.stderr
+        assert f"the last durable checkpoint is step {latest['step']}" in text and "done:" not in text
+    else:
+        assert out.returncode == 0, out.stderr
     torch.load(small_tmpfs / "latest.pt", weights_only=True)
     assert not list(small_tmpfs.glob(".tmp-*"))
 
@@ -316,7 +325,9 @@ def test_second_process_is_refused_and_lister_sees_only_whole_files(tmp_path: Pa
         listings = 0
         while proc.poll() is None:
             out = run_train("--list-checkpoints", "--json", cwd=tmp_path)
-            assert '"BAD' not in out.stdout, out.stdout
+            assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+            rows = json.loads(out.stdout)["checkpoints"]
+            assert rows and all(not r["status"].startswith("BAD") for r in rows), out.stdout
             listings += 1
         assert listings >= 2
     finally:

@@ -98,7 +98,7 @@ def test_stall_counts_the_time_the_caller_spent_preparing(tmp_path: Path, async_
     with CheckpointManager(tmp_path, CheckpointOptions(async_save=async_save)) as m:
         m.save({"w": torch.zeros(10)}, step=1, stall_before=0.25)
         (result,) = m.wait_until_finished()
-    assert 0.25 <= result.stall_s < 5
+    assert result.stall_s >= 0.25
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert history[-1]["stall_s"] >= 0.25
 

@@ -113,7 +113,7 @@ class Payload:
         return (os.system, (f"touch {Payload.marker}",))
 
 
-def forge(path: Path, obj: object) -> None:
+def forge(path: Path, obj: object, step: int = 1) -> None:
     """A malicious pickle wearing a valid footer: the digest passes, so only weights_only stands guard."""
     import io
     import json
@@ -123,7 +123,7 @@ def forge(path: Path, obj: object) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf, pickle_protocol=2)
     payload = buf.getvalue()
-    meta = {"digest": xxhash.xxh3_128(payload).hexdigest(), "payload_bytes": len(payload), "step": 1,
+    meta = {"digest": xxhash.xxh3_128(payload).hexdigest(), "payload_bytes": len(payload), "step": step,
             "format_version": 1, "args": {"lr": 1.0}}
     body = json.dumps(meta).encode()
     footer = body + struct.pack("<I16s8s", len(body), xxhash.xxh3_64_hexdigest(body).encode(), fileformat.FOOTER_MAGIC)

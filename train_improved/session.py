@@ -109,7 +109,8 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
                     if manager is not None else {}
                 metrics.log("resume", path=str(info.path), step=trainer.step, **lineage)
                 if d.is_main:
-                    err_console.print(f"resumed from {info.path} at step {trainer.step}", highlight=False)
+                    err_console.print(f"resumed from {info.path.resolve()} at step {trainer.step}", highlight=False,
+                                      soft_wrap=True)
             elif init_from is not None:
                 metrics.log("init_from", path=str(init_from), step=0)
             with GracefulStop() as stop:
@@ -120,7 +121,7 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
                     print(text)
                 val = f"{trainer.val_loss:.4f}" if trainer.val_loss is not None else "-"
                 err_console.print(f"done: step {trainer.step}, val_loss {val}, checkpoints in {cfg.checkpoint_dir}",
-                                  highlight=False)
+                                  highlight=False, soft_wrap=True)
             return code
         finally:
             metrics.close()
@@ -169,7 +170,7 @@ def _open_and_restore(pre: TrainConfig, resume: str | None
             raise CheckpointError(f"no checkpoint to resume from in {directory}; run without --resume to "
                                   "start, or use --resume auto in job scripts")
         if resume == "auto" and state is None:
-            err_console.print(f"no checkpoint in {directory}: starting fresh (--resume auto)")
+            err_console.print(f"no checkpoint in {directory}: starting fresh (--resume auto)", soft_wrap=True)
         if resume is None and directory.is_dir():
             latest = CheckpointManager(directory, read_only=True).latest_step()
             if latest is not None:

@@ -1,0 +1,35 @@
+"""`train`, with every training window it reads recorded: the hook of test_elastic.py.
+
+    python tests/elastic_worker.py RECORD_DIR --data ... --resume latest          # or under torchrun
+
+Each rank appends one JSON line per micro-batch it is handed to RECORD_DIR/rank<r>.jsonl: the
+sampler's position (epoch, index: which step), the micro-batch number and its window indices. So
+the elastic tests compare what the ranks read, not what the program prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from train_improved import data
+from train_improved.cli import main
+
+record = Path(sys.argv.pop(1))
+log = open(record / f"rank{os.environ.get('RANK', '0')}.jsonl", "a")  # noqa: SIM115 - open for the process's life
+read_micro_batch = data.ShuffledSampler.micro_batch
+
+
+def recorded(self: data.ShuffledSampler, k: int, size: int, *, pin: bool = False):  # noqa: ANN201
+    phase, order = self._epoch_order()
+    start = self.index + k * size
+    log.write(json.dumps({"epoch": self.epoch, "index": self.index, "k": k, "phase": phase,
+                          "windows": [int(i) for i in order[start:start + size]]}) + "\n")
+    log.flush()
+    return read_micro_batch(self, k, size, pin=pin)
+
+
+data.ShuffledSampler.micro_batch = recorded
+main()
