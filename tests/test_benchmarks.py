@@ -12,11 +12,13 @@ from conftest import ROOT
 
 CASES = {
     "checkpoint_io": ["--sizes", "4", "--rounds", "1"],
-    "throughput": ["--steps", "8", "--rounds", "1"],
+    "gpu_throughput": ["--preset", "tiny", "--device", "cpu", "--steps", "8", "--rounds", "1", "--no-compile",
+                       "--save-every", "3"],
     "end_to_end": ["--steps", "6", "--every", "3"],
     "gpu_staging": ["--sizes", "4"],  # says "no CUDA device" on a machine without one
     "gpu_staging --device cpu": ["--sizes", "4", "--device", "cpu"],  # every step of the GPU check, on CPU
     "listing": ["--count", "3", "--large-mb", "1"],
+    "quality": ["--steps", "6", "--eval-interval", "3", "--tiny"],
     "fsdp_stall": ["--n-layer", "1", "--n-embd", "32", "--steps", "4", "--every", "2"],  # 2 torchrun jobs
 }
 
