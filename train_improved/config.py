@@ -75,6 +75,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_absolute_paths(self) -> TrainConfig:
+        """Data and log paths made absolute, as a run stores them: a resume typed in another directory
+        (`train --resume /runs/a/checkpoints/latest.pt`) then reads the same data and logs in the same place."""
+        absolute = {k: str(Path(v).expanduser().absolute()) for k in ("data", "log_dir", "metrics_file")
+                    if isinstance(v := getattr(self, k), str)}
+        return dataclasses.replace(self, **absolute)
+
     @property
     def final_lr(self) -> float:
         """The learning rate at the end of the cosine decay: --min-lr, else a tenth of --lr."""

@@ -82,7 +82,7 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
                                       "loop, so resume it with the loop that wrote it")
             stored = continued_args(state["args"], info.path)
         cfg = config.resolve(cli=given, environ=os.environ, config_file=config_file,
-                             stored=stored if stored is not None else shape)
+                             stored=stored if stored is not None else shape).with_absolute_paths()
         if stored is not None:
             old = {**stored, "world_size": int(state.get("world_size", 1))}
             print_changes(old, {**cfg.to_dict(), "world_size": d.world_size},
