@@ -264,19 +264,19 @@ def test_the_lister_does_not_call_the_previous_best_the_best(tmp_path: Path) -> 
 
 
 def test_listing_while_retention_deletes_a_file(tmp_path: Path, monkeypatch) -> None:
-    from train_improved.checkpoint import manager as manager_module
+    from train_improved.checkpoint import records
 
     with CheckpointManager(tmp_path, CheckpointOptions(save_every=1)) as m:
         for step in (1, 2):
             m.save(st(step), step=step)
-    real = manager_module.describe
+    real = records.describe
 
     def pruned_meanwhile(path: Path):
         if path.name == "rolling_step_000001.pt":
             raise FileNotFoundError(2, "No such file or directory", str(path))
         return real(path)
 
-    monkeypatch.setattr(manager_module, "describe", pruned_meanwhile)
+    monkeypatch.setattr(records, "describe", pruned_meanwhile)
     names = [i.name for i in CheckpointManager(tmp_path, read_only=True).all()]
     assert "rolling_step_000001.pt" not in names and "rolling_step_000002.pt" in names
 

@@ -30,7 +30,6 @@ Commit order of one save (each line is durable before the next starts):
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -41,7 +40,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import fallback, fileformat, layout, storage
+from . import commit, fallback, fileformat, layout, storage
+from .best import BestTracker
 from .fileformat import CheckpointError
 from .layout import Family, Kind
 from .lineage import Line, new_run_id
@@ -54,9 +54,9 @@ from .records import (
     describe,
     disk_usage,
     human_bytes,
+    scan,
     tensor_bytes,
 )
-from .retention import keep_last, to_delete
 from .storage import PendingShards, Shards
 from .validation import check_meta, check_plain_data, clean_metrics
 
@@ -91,8 +91,7 @@ class CheckpointManager:
         self._parent: dict[str, Any] | None = None  # the checkpoint restored from, recorded in every footer
         self._parent_path: Path | None = None
         self._resumed: dict[str, Any] | None = None  # its footer, which seeds best tracking
-        self._best: tuple[float, int] | None = None  # committed best (value, step) of options.metric
-        self._pending_best: tuple[float, int] | None = None  # a best save in flight
+        self._best = BestTracker(self._options.metric, self._options.mode)  # the store's one best tracker
         if not read_only:
             self._open_for_writing()
         self._seed_best()
@@ -136,16 +135,7 @@ class CheckpointManager:
 
     def all(self) -> list[CheckpointInfo]:
         """Every checkpoint file of the directory (valid or not), oldest step first. Reads footers only."""
-        if not self.directory.is_dir():
-            return []
-        infos = []
-        for p in self.directory.iterdir():
-            if p.suffix == layout.SUFFIX and layout.parse_name(p.name) and not p.is_symlink():
-                try:
-                    infos.append(describe(p))
-                except FileNotFoundError:
-                    continue  # pruned by the writer between listing and reading: it is gone
-        return sorted(infos, key=lambda i: (i.step if i.step is not None else -1, i.saved_at or "", i.name))
+        return scan(self.directory)
 
     def _named(self, name: str) -> CheckpointInfo | None:
         try:
@@ -185,43 +175,16 @@ class CheckpointManager:
     @property
     def best_value(self) -> float | None:
         """The best committed value of `options.metric` on this line of training, or None."""
-        return self._best[0] if self._best else None
+        return self._best.best[0] if self._best.best else None
 
     def is_improvement(self, metrics: dict[str, Any] | None) -> bool:
         """Whether these metrics would make a new best_model.pt (False if `options.metric` is missing or NaN)."""
-        value = (metrics or {}).get(self.options.metric)
-        if hasattr(value, "item"):
-            value = value.item()
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            return False
-        best = self._pending_best or self._best
-        if best is None:
-            return True
-        return value < best[0] if self.options.mode == "min" else value > best[0]
+        return self._best.is_improvement(metrics)
 
     def _seed_best(self) -> None:
-        """The best so far: from the restored checkpoint's own record, else from best_model.pt.
-
-        A record kept for another metric or mode does not count: best tracking starts again.
-        """
-        self._pending_best = None
-        metric, mode = self.options.metric, self.options.mode
-        footers = [self._resumed] if self._resumed is not None else []
-        footers += [i.meta for i in (self._named(layout.BEST), self._named(layout.BEST_BACKUP)) if i and i.ok]
-        for meta in footers:
-            record = meta.get("best")
-            if isinstance(record, dict):
-                same = record.get("metric") == metric and record.get("mode") == mode
-                if not same and meta is self._resumed:
-                    logger.info("best tracking starts again: the checkpoint tracked %s (%s), this run %s (%s)",
-                                record.get("metric"), record.get("mode"), metric, mode)
-                value = record.get("value")
-                self._best = (float(value), int(record.get("step") or 0)) if same and value is not None else None
-                return
-            if meta is not self._resumed and metric in meta.get("metrics", {}):
-                self._best = (meta["metrics"][metric], meta.get("step") or 0)  # a file from before best records
-                return
-        self._best = None
+        self._best = BestTracker(self.options.metric, self.options.mode)
+        best_files = [i.meta for i in (self._named(layout.BEST), self._named(layout.BEST_BACKUP)) if i and i.ok]
+        self._best.seed(self._resumed, best_files)
 
     def protect(self, name: str) -> None:
         """Never delete `name` during this manager's life (the file being resumed from)."""
@@ -273,15 +236,15 @@ class CheckpointManager:
             todo = self._room_for(state, todo, step, shards)
         if not todo:
             if isinstance(shards, PendingShards):
-                self._writer().submit(self._discard, shards)  # still being written: delete it once done
+                self._writer().submit(commit.discard, self._context(), shards)  # delete it once written
             elif shards is not None:
-                self._delete([shards.directory])
+                commit.delete(self._context(), [shards.directory])
             return False
         if Kind.BEST in todo:
-            self._pending_best = (metrics[self.options.metric], step)
+            self._best.propose(metrics[self.options.metric], step)
         snapshot = self._stage(state) if self.options.async_save else state
         stall = time.perf_counter() - started
-        self._inflight = self._writer().submit(self._commit, snapshot, step, epoch, todo, metrics,
+        self._inflight = self._writer().submit(commit.commit, self._context(), snapshot, step, epoch, todo, metrics,
                                                dict(meta or {}, **({"args": args} if args is not None else {})),
                                                stall, verify, shards)
         if not self.options.async_save:
@@ -301,8 +264,8 @@ class CheckpointManager:
         if Kind.BEST in kinds and self.options.metric not in clean:
             raise ValueError(f"a BEST save needs metrics[{self.options.metric!r}] (options.metric); "
                              f"got {sorted(clean) or 'no metrics'}")
-        probe = self._footer(Kind.EMERGENCY, layout.emergency_name(step, datetime.now()), step, epoch, clean,
-                             dict(meta or {}, **({"args": args} if args else {})), "", self._best)
+        probe = commit.footer(self._context(), Kind.EMERGENCY, layout.emergency_name(step, datetime.now()), step,
+                              epoch, clean, dict(meta or {}, **({"args": args} if args else {})), "", self._best.best)
         fileformat.encode_footer(dict(probe, format_version=fileformat.FORMAT_VERSION, digest="0" * 32,
                                       algorithm=fileformat.DIGEST_ALGORITHM, payload_bytes=1 << 62))
         return clean
@@ -331,6 +294,11 @@ class CheckpointManager:
         if not self.write_bandwidth or not self._last_file_bytes:
             return None
         return self._last_file_bytes / self.write_bandwidth
+
+    def _context(self) -> commit.SaveContext:
+        """What the writer thread needs to commit a save, fixed now."""
+        return commit.SaveContext(self.directory, self.options, self._line, self._parent, self._parent_path,
+                                  frozenset(self._protected), self._best, self._live.discard)
 
     def _writer(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -370,183 +338,13 @@ class CheckpointManager:
         results = fut.result()  # a bug in the writer surfaces here, loudly, with its traceback
         for r in results:
             if r.kind is Kind.BEST:  # the tracker moves only once the new best is committed
-                if r.error is None and self._pending_best is not None:
-                    self._best = self._pending_best
-                self._pending_best = None
+                self._best.settle(committed=r.error is None)
+            if r.error is None and r.write_s:  # what the next save should cost (expected_save_seconds)
+                self._last_file_bytes, self.write_bandwidth = r.file_bytes, r.bytes / max(r.write_s, 1e-9)
         self._done.extend(results)
         self._jobs += 1
         if self.options.storage_report_every and self._jobs % self.options.storage_report_every == 0:
             logger.info("%s", self.storage_summary())
-
-    # ----------------------------------------------------------------------------- the writer thread
-
-    def _commit(self, snapshot: dict[str, Any], step: int, epoch: int | None, kinds: Sequence[Kind],
-                metrics: dict[str, float], meta: dict[str, Any], stall: float,
-                verify: bool = True, shards: Shards | PendingShards | None = None) -> list[SaveResult]:
-        began = time.perf_counter()
-        try:
-            if isinstance(shards, PendingShards):
-                try:
-                    shards = shards.wait()  # every rank's files are durable: part of this save's write_s
-                except CheckpointError as e:
-                    return [self._failed(kind, self._final_name(kind, step, epoch, datetime.now()), step, stall, e)
-                            for kind in kinds]
-            return self._commit_each(snapshot, step, epoch, kinds, metrics, meta, stall, verify, shards, began)
-        finally:
-            if shards is not None:
-                self._delete([shards.directory])  # every checkpoint directory holds its own links to them
-
-    def _discard(self, shards: PendingShards) -> None:
-        try:
-            shards.wait()
-        except CheckpointError:
-            pass  # a skipped save: its shards are deleted either way
-        self._delete([shards.directory])
-
-    def _failed(self, kind: Kind, name: str, step: int, stall: float, error: CheckpointError) -> SaveResult:
-        logger.warning("checkpoint %s was not saved: %s; earlier checkpoints are intact", name, error)
-        self._history({"event": "failed", "name": name, "kind": kind.value, "step": step, "error": str(error)})
-        return SaveResult(kind, name, step, stall_s=stall, error=str(error))
-
-    def _footer(self, kind: Kind, name: str, step: int, epoch: int | None, metrics: dict[str, float],
-                meta: dict[str, Any], saved_at: str, best: tuple[float, int] | None) -> dict[str, Any]:
-        import torch
-
-        return dict(meta, name=name, kind=kind.value, step=step, epoch=epoch, metrics=metrics, saved_at=saved_at,
-                    torch_version=str(torch.__version__), lineage=self._line.footer(self._parent),
-                    best={"metric": self.options.metric, "mode": self.options.mode,
-                          "value": best[0] if best else None, "step": best[1] if best else None})
-
-    def _commit_each(self, snapshot: dict[str, Any], step: int, epoch: int | None, kinds: Sequence[Kind],
-                     metrics: dict[str, float], meta: dict[str, Any], stall: float,
-                     verify: bool, shards: Shards | None, began: float) -> list[SaveResult]:
-        import torch
-
-        results = []
-        best = self._best  # what each footer records as the best so far on this line
-        for kind in kinds:
-            started = began if not results else time.perf_counter()
-            now = datetime.now()
-            name = self._final_name(kind, step, epoch, now)
-            result = SaveResult(kind, name, step, stall_s=stall)
-            saved_at = now.astimezone().isoformat(timespec="microseconds")
-            payload = dict(snapshot, checkpoint_type=kind.value, timestamp=saved_at,
-                           format_version=fileformat.FORMAT_VERSION, torch_version=str(torch.__version__))
-            new_best = (metrics[self.options.metric], step) if kind is Kind.BEST else best
-            footer = self._footer(kind, name, step, epoch, metrics, meta, saved_at, new_best)
-            displaced: list[Path] = []  # files the renames replaced, deleted once this one is committed
-            try:
-                result.bytes = self._write_family(kind, self.directory / name, payload, footer, verify, shards,
-                                                  displaced)
-                self._point_latest_to(self.directory / name, step, displaced)
-            except CheckpointError as e:
-                self._delete(displaced)
-                results.append(self._failed(kind, name, step, stall, e))
-                continue
-            best = new_best
-            result.write_s = time.perf_counter() - started  # committed: durable, verified, latest points here
-            deleted = self._prune(kind, step)
-            self._delete(displaced)
-            result.cleanup_s = time.perf_counter() - started - result.write_s
-            self._last_file_bytes = fileformat.checkpoint_size(self.directory / name)
-            self.write_bandwidth = result.bytes / max(result.write_s, 1e-9)
-            self._history({"event": "save", "name": name, "kind": kind.value, "step": step, "epoch": epoch,
-                           "bytes": result.bytes, "stall_s": stall, "write_s": result.write_s,
-                           "cleanup_s": result.cleanup_s, "metrics": metrics, "saved_at": saved_at,
-                           "run": self._line.run})
-            for gone in deleted:
-                self._history({"event": "delete", "name": gone, "kind": kind.value, "step": step})
-            results.append(result)
-        return results
-
-    def _delete(self, temporaries: list[Path]) -> None:
-        """Remove files or directories under temporary names (displaced checkpoints, used shards)."""
-        for path in temporaries:
-            try:
-                storage.remove(path)
-            except OSError as e:  # a leftover temporary name: the next writing open removes it
-                logger.warning("could not remove %s: %s", path.name, e)
-            self._live.discard(path)
-
-    def _final_name(self, kind: Kind, step: int, epoch: int | None, now: datetime) -> str:
-        if kind is Kind.ROLLING:
-            return layout.rolling_name(step)
-        if kind is Kind.EMERGENCY:
-            return layout.emergency_name(step, now)
-        if kind is Kind.EPOCH:
-            assert epoch is not None  # save() refused it otherwise
-            return layout.epoch_name(epoch)
-        return layout.BEST
-
-    def _write_family(self, kind: Kind, path: Path, payload: dict[str, Any], footer: dict[str, Any],
-                      verify: bool, shards: Shards | None, displaced: list[Path]) -> int:
-        """Write one checkpoint plus its family's backup; return the bytes it holds (shards included)."""
-        d = self.directory
-        backups = {Kind.ROLLING: [d / layout.ROLLING_BACKUP], Kind.BEST: [d / layout.BEST_BACKUP]}.get(kind, [])
-        # The old best gets a temporary name first; it becomes best_model_previous.pt only once the
-        # new best has its name, so that a failure anywhere before leaves all three as they were.
-        old_best = storage.link_to_temporary(path, d / layout.BEST_PREVIOUS) \
-            if kind is Kind.BEST and path.exists() else None
-        try:
-            storage.write_checkpoint(path, payload, footer, verify=verify, copies=backups, shards=shards,
-                                     displaced=displaced)
-        except CheckpointError:
-            if old_best is not None:
-                self._delete([old_best])
-            raise
-        if old_best is not None:
-            try:
-                storage.commit_temporary(old_best, d / layout.BEST_PREVIOUS, displaced)
-            except CheckpointError as e:  # the new best is committed; only the older one's new name failed
-                logger.warning("%s keeps the best before the previous one: %s", layout.BEST_PREVIOUS, e)
-        return (1 + len(backups)) * fileformat.checkpoint_size(path)
-
-    def _point_latest_to(self, path: Path, step: int, displaced: list[Path]) -> None:
-        latest = self.directory / layout.LATEST
-        current = self._named(layout.LATEST)
-        # latest_backup.pt keeps the previous *step* of this line of training: a second save at the
-        # same step (best and rolling together) re-points latest only; a latest from another line
-        # (this run resumed an earlier step) is not this run's past: the state it resumed from is.
-        # A damaged latest is replaced, never rotated over the backup.
-        if current is not None and current.ok and current.step != step:
-            if self._line.holds(current.meta):
-                storage.link_checkpoint(latest, self.directory / layout.LATEST_BACKUP, displaced)
-            elif self._parent_path is not None and self._parent_path.exists():
-                storage.link_checkpoint(self._parent_path, self.directory / layout.LATEST_BACKUP, displaced)
-        storage.link_checkpoint(path, latest, displaced)
-
-    def _prune(self, kind: Kind, step: int) -> list[str]:
-        """Apply the family's retention; a file that cannot be deleted is a warning, never a failed save."""
-        keep = {Kind.ROLLING: self.options.keep_rolling, Kind.EMERGENCY: self.options.keep_emergency}.get(kind)
-        if keep is None:
-            return []  # best and epoch files are never rotated
-        family = Family.ROLLING if kind is Kind.ROLLING else Family.EMERGENCY
-        files = []
-        for info in self.all():
-            parsed = layout.parse_name(info.name)
-            if parsed and parsed.family is family and parsed.step is not None:
-                # Files of an abandoned line of training count as older than any of this line's.
-                files.append((self._line.holds(info.meta), parsed.step, parsed.saved or datetime.min, info.path))
-        files.sort()
-        deleted = []
-        for *_, p in to_delete(files, keep_last(keep), protected=lambda f: f[-1].name in self._protected):
-            try:
-                storage.remove(p)
-            except OSError as e:
-                logger.warning("retention could not delete %s: %s; training goes on", p.name,
-                               fileformat.describe_os_error(e))
-                self._history({"event": "delete_failed", "name": p.name, "kind": kind.value, "step": step,
-                               "error": fileformat.describe_os_error(e)})
-                continue
-            deleted.append(p.name)
-        return deleted
-
-    def _history(self, record: dict[str, Any]) -> None:
-        record["time"] = time.time()
-        try:
-            storage.append_line(self.directory / layout.HISTORY, record)
-        except OSError as e:
-            logger.warning("could not append to %s: %s", layout.HISTORY, e)
 
     # ----------------------------------------------------------------------------- disk space
 
@@ -570,8 +368,8 @@ class CheckpointManager:
         if len(chosen) < len(kinds):
             storage.clean_temp_files(self.directory, keep=self._live)
             for kind in (Kind.ROLLING, Kind.EMERGENCY):
-                for gone in self._prune(kind, step):
-                    self._history({"event": "delete", "name": gone, "kind": kind.value, "step": step})
+                for gone in commit.prune(self._context(), kind, step):
+                    commit.history(self.directory, {"event": "delete", "name": gone, "kind": kind.value, "step": step})
             free = storage.free_bytes(self.directory)
             chosen = fitting(free)
             for k in kinds:
@@ -581,7 +379,7 @@ class CheckpointManager:
                        f"step {step} needs {human_bytes(needs[k])} plus --min-free-space "
                        f"{human_bytes(self.options.min_free_bytes)}; skipping this save (earlier checkpoints are intact)")
                 logger.warning("%s", msg)
-                self._history({"event": "skipped", "step": step, "kinds": [k.value], "free": free})
+                commit.history(self.directory, {"event": "skipped", "step": step, "kinds": [k.value], "free": free})
                 self._done.append(SaveResult(k, "", step, error=msg, skipped=True))
         return [k for k in kinds if k in chosen]
 
@@ -640,7 +438,8 @@ class CheckpointManager:
             digest = fileformat.read_footer(path).get("digest")
         except CheckpointError:
             digest = None
-        self._history({"event": "verify_failed", "name": path.name, "digest": digest, "error": reason})
+        commit.history(self.directory, {"event": "verify_failed", "name": path.name, "digest": digest,
+                                        "error": reason})
 
 
 def _yield_cpu_to_training() -> None:

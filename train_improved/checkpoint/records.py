@@ -97,6 +97,7 @@ class SaveResult:
     stall_s: float = 0.0  # time the caller was blocked
     write_s: float = 0.0  # time the writer spent until committed (serialize, checksum, fsync, verify, rename, latest)
     cleanup_s: float = 0.0  # after the commit: retention, and freeing the files the renames replaced
+    file_bytes: int = 0  # one file of this save (bytes counts its backup too)
     error: str | None = None
     skipped: bool = False
 
@@ -113,6 +114,20 @@ def describe(path: Path) -> CheckpointInfo:
         return CheckpointInfo(path.name, path, family, size, inode, fileformat.read_footer(path))
     except CheckpointError as e:
         return CheckpointInfo(path.name, path, family, size, inode, error=str(e))
+
+
+def scan(directory: Path) -> list[CheckpointInfo]:
+    """Every checkpoint of a directory (valid or not), oldest step first, from footers alone."""
+    if not directory.is_dir():
+        return []
+    infos = []
+    for p in directory.iterdir():
+        if p.suffix == layout.SUFFIX and layout.parse_name(p.name) and not p.is_symlink():
+            try:
+                infos.append(describe(p))
+            except FileNotFoundError:
+                continue  # pruned by the writer between listing and reading: it is gone
+    return sorted(infos, key=lambda i: (i.step if i.step is not None else -1, i.saved_at or "", i.name))
 
 
 def disk_usage(infos: Iterable[CheckpointInfo]) -> dict[Family, int]:
