@@ -8,6 +8,8 @@ torchrun's commands run under the `distributed` marker.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import shutil
@@ -70,9 +72,28 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def concrete(command: str, run: Path) -> list[str]:
+@pytest.fixture(scope="module")
+def s3_endpoint() -> str:
+    """The buckets the docs name, on a real S3 endpoint on loopback (moto's server mode)."""
+    moto_server = pytest.importorskip("moto.server")
+    import s3fs
+
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{server._server.port}"  # noqa: SLF001 - moto exposes the bound port only here
+    fs = s3fs.S3FileSystem(endpoint_url=url)
+    for bucket in ("my-bucket", "bucket"):
+        fs.mkdir(bucket)
+    yield url
+    server.stop()
+
+
+def concrete(command: str, run: Path, s3: str = "") -> list[str]:
     """The documented command with its placeholders made real: paths of the prepared run, no `...`."""
     command = command.replace("/runs/a/checkpoints", str(run / "checkpoints"))
+    command = command.replace("file:///mnt/nfs/", f"file://{run}/nfs/").replace("http://minio:9000", s3)
     command = command.replace("/elsewhere/", str(run / "checkpoints") + "/")
     command = command.replace("[--json] [--verify]", "--json --verify").replace(" ...", "")
     command = command.replace("$(which train)", "")
@@ -85,11 +106,14 @@ def starts_a_run(words: list[str]) -> bool:
 
 @pytest.mark.parametrize("doc, command", [c for c in COMMANDS if not c[1].startswith("torchrun")],
                          ids=lambda c: c if isinstance(c, str) and c.endswith(".md") else None)
-def test_documented_command_runs(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doc: str,
-                                 command: str) -> None:
+def test_documented_command_runs(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 request: pytest.FixtureRequest, doc: str, command: str) -> None:
     run = tmp_path / "run"
     shutil.copytree(prepared, run)
-    words = concrete(command, run)
+    s3 = request.getfixturevalue("s3_endpoint") if "s3://" in command else ""
+    words = concrete(command, run, s3)
+    if "s3://" in command and "--mirror-options" not in words:
+        words += ["--mirror-options", json.dumps({"endpoint_url": s3})]  # where the docs' bucket is
     if words[0] == "train" and starts_a_run(words):
         shutil.rmtree(run / "checkpoints")  # a new run needs an empty --checkpoint-dir
     where = tmp_path if "/" in command and str(run) in " ".join(words) else run  # "from anywhere"

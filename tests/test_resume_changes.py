@@ -152,3 +152,20 @@ def test_a_world_size_that_cannot_share_the_batch_names_the_sizes_that_can() -> 
 
 def test_defaults_still_build() -> None:
     assert TrainConfig().final_lr == pytest.approx(3e-4)
+
+
+def test_generate_resume_command_proposes_another_number_of_ranks(base: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    tool = [sys.executable, str(ROOT / "tools" / "generate_resume_command.py"),
+            str(base / "checkpoints" / "latest.pt"), "--compare"]
+    ok = subprocess.run([*tool, "--world-size", "2"], capture_output=True, text=True, env={"COLUMNS": "200",
+                                                                                           **__import__("os").environ})
+    assert ok.returncode == 0, ok.stderr
+    assert "elastic" in ok.stdout and "the floating-point reduction order changes" in ok.stdout
+    assert ok.stdout.strip().splitlines()[-1].startswith("torchrun --nproc_per_node 2 -m train_improved --resume ")
+    bad = subprocess.run([*tool, "--world-size", "3"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "3 ranks cannot share evenly; run on 1, 2 rank(s)" in bad.stderr

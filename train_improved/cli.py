@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from . import config
 from .checkpoint import CheckpointError
@@ -74,6 +75,11 @@ def train(
     mtbf: Annotated[Str, _opt("mtbf", "Expected time between failures for --checkpoint-freq auto (e.g. 24h).")] = None,
     emergency_budget: Annotated[Str, _opt("emergency-budget", "Seconds an emergency save may take before it "
                                                               "skips its read-back check (e.g. 25s).")] = None,
+    mirror: Annotated[Str, _opt("mirror", "Mirror every checkpoint to this fsspec URL (s3://bucket/run, gs://..., "
+                                          "file:///mnt/nfs/run; env CHECKPOINT_MIRROR).")] = None,
+    mirror_options: Annotated[Str, _opt("mirror-options", "JSON storage options for --mirror, e.g. "
+                                                          "'{\"endpoint_url\": \"http://...\"}' (env "
+                                                          "CHECKPOINT_MIRROR_OPTIONS; never stored).")] = None,
     log_dir: Annotated[Str, _opt("log-dir", "Directory for metrics.jsonl and TensorBoard files.")] = None,
     log_interval: Annotated[Str, _opt("log-interval", "Seconds between progress lines when stderr is not a "
                                                       "terminal, e.g. in a batch job's log (e.g. 60s, 5m).")] = None,
@@ -100,15 +106,19 @@ def train(
         if list_checkpoints:
             from .listing import list_checkpoints as show
 
-            directory = config.resolve(cli=given, environ=os.environ, config_file=config_file,
-                                       check=False).checkpoint_dir
-            raise typer.Exit(show(Path(directory), as_json=json_output, verify=verify))
+            listed = config.resolve(cli=given, environ=os.environ, config_file=config_file, check=False)
+            if mirror:  # the remote side alone, from its manifest
+                from .listing import list_mirror
+
+                raise typer.Exit(list_mirror(listed.mirror, listed.mirror_storage_options(), as_json=json_output,
+                                             verify=verify))
+            raise typer.Exit(show(Path(listed.checkpoint_dir), as_json=json_output, verify=verify))
         from .session import run_session
 
         raise typer.Exit(run_session(given, resume=resume, config_file=config_file, init_from=init_from))
     except (ConfigError, DataError, CheckpointError) as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says so
-            err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -128,7 +138,7 @@ def generate_resume_command(
     try:
         raise typer.Exit(main(checkpoint, ctx.args, compare=compare))
     except (ConfigError, CheckpointError) as e:
-        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

@@ -21,8 +21,9 @@ from rich.table import Table
 
 from .checkpoint import CheckpointError, CheckpointManager, Family, load_checkpoint, verify_file
 from .checkpoint.fallback import current_line
-from .checkpoint.layout import BACKUP_NAMES, HISTORY, LATEST
+from .checkpoint.layout import BACKUP_NAMES, HISTORY, LATEST, parse_name
 from .checkpoint.lineage import Line
+from .checkpoint.mirror import RemoteStore, mask
 from .checkpoint.records import CheckpointInfo, human_bytes
 
 _TITLES = {Family.LATEST: "Latest", Family.BEST: "Best", Family.ROLLING: "Rolling",
@@ -89,6 +90,11 @@ def collect(directory: Path, verify: bool = False) -> dict[str, Any]:
     line = current_line(infos)
     latest = next((i for i in infos if i.name == LATEST), None)
     rows = [_row(i, times, failures, verify, line, latest) for i in infos]
+    mirrored = _mirrored_digests(latest)
+    for row, info in zip(rows, infos, strict=True):
+        if mirrored is not None:
+            row["mirror"] = "mirrored" if info.meta.get("digest") in mirrored else \
+                "local only" if info.path.is_dir() else "pending"
     usage = manager.usage_by_family()
     return {
         "directory": str(directory.resolve()),
@@ -97,6 +103,56 @@ def collect(directory: Path, verify: bool = False) -> dict[str, Any]:
         "total_bytes": sum(usage.values()),
         "free_bytes": shutil.disk_usage(directory).free,
     }
+
+
+def _mirrored_digests(latest: CheckpointInfo | None) -> set[str] | None:
+    """Digests the run's mirror (from latest.pt's options) lists; None without a mirror, {} if unreachable."""
+    url = ((latest.meta.get("args") or {}).get("mirror") if latest is not None and latest.ok else None) or \
+        os.environ.get("CHECKPOINT_MIRROR")
+    if not url:
+        return None
+    try:
+        options = json.loads(os.environ.get("CHECKPOINT_MIRROR_OPTIONS") or "{}")
+        return {e.digest for e in RemoteStore.open(url, options, check_writable=False).manifest().values()}
+    except (CheckpointError, ValueError):
+        return set()
+
+
+def list_mirror(url: str | None, options: dict[str, Any], *, as_json: bool = False, verify: bool = False) -> int:
+    """`train --list-checkpoints --mirror URL`: the remote side alone, from its manifest (no tensor downloaded)."""
+    assert url is not None
+    remote = RemoteStore.open(url, options, check_writable=False)
+    rows = []
+    for entry in sorted(remote.manifest().values(), key=lambda e: (e.step or -1, e.name)):
+        status = "ok"
+        if verify:
+            try:
+                remote.verify_entry(entry)
+                status = "verified"
+            except (CheckpointError, OSError) as e:
+                status = f"BAD: {e}"
+        parsed = parse_name(entry.name)
+        rows.append({"name": entry.name, "family": parsed.family.value if parsed else "latest", "kind": entry.kind,
+                     "step": entry.step, "epoch": None, "val_loss": None, "val_loss_step": None, "bytes": entry.bytes,
+                     "saved_at": entry.saved_at, "write_s": None, "backup": entry.name in BACKUP_NAMES,
+                     "notes": [], "status": status, "object": entry.key})
+    bad = sum(r["status"].startswith("BAD") for r in rows)
+    if as_json:
+        print(json.dumps({"mirror": mask(url), "checkpoints": rows}, indent=2))
+        return 1 if bad else 0
+    console = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=200)
+    if not rows:
+        console.print(f"no checkpoints on the mirror {mask(url)}")
+    for family, title in _TITLES.items():
+        group = [r for r in rows if r["family"] == family.value]
+        if group:
+            terminal = console.width
+            table, console.width = _table(f"{title} on {mask(url)}", group, terminal)
+            console.print(table)
+            console.width = terminal
+    if bad:
+        console.print(f"[red]{bad} damaged object(s)[/] on the mirror: a resume from it skips them and says so")
+    return 1 if bad else 0
 
 
 def list_checkpoints(directory: Path, *, as_json: bool = False, verify: bool = False,
@@ -146,9 +202,10 @@ def _table(title: str, rows: list[dict[str, Any]], width: int) -> tuple[Table, i
     """
     cells = [{"file": r["name"] + _note(r), "step": _fmt(r["step"]), "epoch": _fmt(r["epoch"]),
               "val_loss": _val_loss(r), "size": human_bytes(r["bytes"]), "saved": _when(r["saved_at"]),
-              "write": f"{r['write_s']:.2f}s" if r["write_s"] is not None else "-"} for r in rows]
-    widths = {col: max(len(col), *(len(c[col]) for c in cells)) for col, _ in _COLUMNS}
-    columns = list(_COLUMNS)
+              "write": f"{r['write_s']:.2f}s" if r["write_s"] is not None else "-",
+              "mirror": r.get("mirror", "")} for r in rows]
+    columns = list(_COLUMNS) + ([("mirror", "left")] if any(c["mirror"] for c in cells) else [])
+    widths = {col: max(len(col), *(len(c[col]) for c in cells)) for col, _ in columns}
 
     def needed() -> int:
         return sum(widths[c] + 3 for c, _ in columns) + 14  # borders, padding, and a status of ten

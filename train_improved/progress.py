@@ -25,7 +25,9 @@ def configure_logging(verbose: bool = False) -> None:
     else:  # a log file: one line per record, never wrapped at 80 columns, with the time
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    # Our records at INFO; libraries (botocore, fsspec...) only when they warn.
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("train_improved").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 class RichProgress:

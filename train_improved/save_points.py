@@ -111,7 +111,7 @@ class SavePoints:
             shards = t.shard_writer.start(distributed.gather(t.dist, staging)[0], tensors)
         if t.manager is None:
             return []
-        options = dict(epoch=t.epoch, metrics=t.metrics_now(), args=self.cfg.to_dict(), shards=shards,
+        options = dict(epoch=t.epoch, metrics=t.metrics_now(), args=self.cfg.stored_args(), shards=shards,
                        meta={"world_size": t.dist.world_size, "eval_step": t.last_eval_step})
         if Kind.EMERGENCY in kinds:
             return t.manager.emergency_save(state, step=t.step, budget=emergency_budget,
@@ -133,11 +133,19 @@ class SavePoints:
         for r in results:
             if r.error:
                 continue
+            lag = {} if t.manager.mirror is None else {"mirror_lag_steps": t.manager.mirror.lag(r.step)}
             t.metrics.log("checkpoint", step=r.step, kind=r.kind.value, path=str(t.manager.directory / r.name),
-                          bytes=r.bytes, stall_s=r.stall_s, write_s=r.write_s, cleanup_s=r.cleanup_s)
+                          bytes=r.bytes, stall_s=r.stall_s, write_s=r.write_s, cleanup_s=r.cleanup_s, **lag)
             logger.info("saved %s (step %d, %s, stall %.3fs, write %.2fs)", r.name, r.step, human_bytes(r.bytes),
                         r.stall_s, r.write_s)
             t.save_cost = r.stall_s
+        for sync in t.manager.mirror_events():  # the second tier: how far the mirror lags
+            lag = t.step - (sync["mirrored_step"] or 0)
+            t.metrics.log("mirror", step=t.step, mirrored_step=sync["mirrored_step"], mirror_lag_steps=lag,
+                          upload_s=sync["upload_s"], upload_bytes=sync["upload_bytes"])
+            if sync["upload_bytes"]:
+                logger.info("mirrored up to step %s (lag %d steps; %s in %.2fs)", sync["mirrored_step"], lag,
+                            human_bytes(sync["upload_bytes"]), sync["upload_s"])
 
     def _retune(self) -> None:
         """--checkpoint-freq auto: Young's interval sqrt(2 * cost * MTBF), in steps, from measured costs."""

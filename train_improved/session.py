@@ -22,6 +22,7 @@ from . import config, distributed, parallel
 from .checkpoint import CheckpointError, CheckpointManager, CheckpointOptions, NoCheckpointError, read_footer
 from .checkpoint.fileformat import load_checkpoint
 from .checkpoint.layout import is_explicit_path
+from .checkpoint.mirror import RemoteStore, mask
 from .checkpoint.records import describe
 from .config import ConfigError, DataError, TrainConfig
 from .overrides import MODEL_SHAPE
@@ -48,7 +49,7 @@ def run_session(given: dict[str, Any], *, resume: str | None, config_file: str |
                           "give only one of them")
     d = distributed.from_environment()
     if not d.is_main:
-        logging.getLogger().setLevel(logging.ERROR)  # rank 0 speaks for the run
+        logging.getLogger("train_improved").setLevel(logging.ERROR)  # rank 0 speaks for the run
     stored = shape = None
     if resume not in (None, "latest", "best", "auto") and is_explicit_path(resume):
         stored = _footer_args(Path(resume).expanduser())  # a path elsewhere also brings its checkpoint dir
@@ -73,7 +74,8 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
     from .signals import GracefulStop
     from .trainer import NoProgress, Trainer
 
-    manager, state, info = _choose_checkpoint(d, pre, resume)
+    manager, state, info, remote = _choose_checkpoint(d, pre, resume)
+    code = 1
     try:
         stored = None
         if state is not None:
@@ -94,10 +96,14 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
         elif init_from is not None:
             _load_weights(trainer, Path(init_from).expanduser())
         if d.is_main:
+            if cfg.mirror and (remote is None or remote.url != cfg.mirror):
+                remote = RemoteStore.open(cfg.mirror, cfg.mirror_storage_options())  # before anything is written
             if manager is None:
                 manager = CheckpointManager(cfg.checkpoint_dir, checkpoint_options(cfg))
             else:
                 manager.options = checkpoint_options(cfg)  # opened with the options known before the checkpoint's
+            if cfg.mirror:
+                manager.attach_mirror(remote)
         metrics = MetricsLogger(cfg.metrics_path, tensorboard_dir=Path(cfg.log_dir) if cfg.use_tensorboard else None,
                                 enabled=d.is_main)
         try:
@@ -115,6 +121,9 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
                 metrics.log("init_from", path=str(init_from), step=0)
             with GracefulStop() as stop:
                 code = trainer.run(stop, manager, metrics)
+            if manager is not None and manager.mirror is not None and code == 0:
+                err_console.print(f"waiting for the mirror {mask(remote.url)} to catch up", highlight=False,
+                                  soft_wrap=True)
             if code == 0 and d.is_main:
                 if (text := trainer.sample(cfg.sample_length)) is not None:
                     err_console.rule("sample from the best model")
@@ -127,22 +136,23 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
             metrics.close()
     finally:
         if manager is not None:
-            manager.close()
+            # A stopped run has already waited for its emergency checkpoint's upload (--emergency-budget).
+            manager.close(mirror_wait=0 if code >= 128 else 300)
 
 
 def _choose_checkpoint(d: distributed.Dist, pre: TrainConfig, resume: str | None
-                       ) -> tuple[CheckpointManager | None, dict[str, Any] | None, Any]:
+                       ) -> tuple[CheckpointManager | None, dict[str, Any] | None, Any, RemoteStore | None]:
     """Rank 0 locks the directory and picks the file (with fallback); the other ranks load that file."""
-    manager, state, info, error = None, None, None, None
+    manager, state, info, remote, error = None, None, None, None, None
     if d.is_main:
         try:
-            manager, state, info = _open_and_restore(pre, resume)
+            manager, state, info, remote = _open_and_restore(pre, resume)
         except (CheckpointError, ConfigError, DataError) as e:
             error = e
     if not d.enabled:
         if error is not None:
             raise error
-        return manager, state, info
+        return manager, state, info, remote
     path, failed = distributed.gather(d, (str(info.path) if info else None, error is not None))[0]
     if error is not None:
         raise error
@@ -151,21 +161,26 @@ def _choose_checkpoint(d: distributed.Dist, pre: TrainConfig, resume: str | None
     if not d.is_main and path is not None:
         state, _ = load_checkpoint(Path(path), shards=False)  # rank 0 has just verified every shard file
         info = describe(Path(path))
-    return manager, state, info
+    return manager, state, info, remote
 
 
 def _open_and_restore(pre: TrainConfig, resume: str | None
-                      ) -> tuple[CheckpointManager | None, dict[str, Any] | None, Any]:
+                      ) -> tuple[CheckpointManager | None, dict[str, Any] | None, Any, RemoteStore | None]:
+    """Lock the directory and restore `resume` along the fallback chain, the local store first, then the mirror."""
     directory = Path(pre.checkpoint_dir)
+    # Checked before anything is written: a mirror that cannot be used is one line and exit 1.
+    remote = RemoteStore.open(pre.mirror, pre.mirror_storage_options()) if pre.mirror else None
     manager, state, info = None, None, None
     try:
-        if resume is not None and (directory.is_dir() or resume not in ("latest", "best", "auto")):
+        if resume is not None and (directory.is_dir() or resume not in ("latest", "best", "auto") or remote):
             manager = CheckpointManager(directory, checkpoint_options(pre))  # the lock comes before reading
-            try:
-                state, info = manager.restore("latest" if resume == "auto" else resume)
-            except NoCheckpointError:
-                if resume != "auto":
-                    raise
+            which = "latest" if resume == "auto" else resume
+            if "://" in which:  # one object of a mirror: --resume s3://bucket/run/rolling_step_000500.pt
+                url, name = which.rsplit("/", 1)
+                source = RemoteStore.open(url, pre.mirror_storage_options(), check_writable=False)
+                state, info = manager.restore(source.fetch(name, directory))
+            else:
+                state, info = _restore_across_tiers(manager, which, remote, fresh_ok=resume == "auto")
         if resume in ("latest", "best") and state is None:
             raise CheckpointError(f"no checkpoint to resume from in {directory}; run without --resume to "
                                   "start, or use --resume auto in job scripts")
@@ -178,9 +193,31 @@ def _open_and_restore(pre: TrainConfig, resume: str | None
                                       "--resume latest to continue that run, or choose another --checkpoint-dir")
     except BaseException:
         if manager is not None:
-            manager.close()
+            manager.close(mirror_wait=0)
         raise
-    return manager, state, info
+    return manager, state, info, remote
+
+
+def _restore_across_tiers(manager: CheckpointManager, which: str, remote: RemoteStore | None, *, fresh_ok: bool
+                          ) -> tuple[dict[str, Any] | None, Any]:
+    """The local store's fallback chain, then (with a mirror) the mirror's: a new machine resumes from the bucket."""
+    try:
+        return manager.restore(which)
+    except CheckpointError as e:
+        empty = isinstance(e, NoCheckpointError)
+        if remote is None:
+            if empty and fresh_ok:
+                return None, None
+            raise
+        logging.getLogger("train_improved").warning(
+            "%s: trying the mirror %s", "the local store holds no checkpoint" if empty else
+            "no valid checkpoint in the local store", mask(remote.url))
+    try:
+        return manager.restore(remote.fetch(which, manager.directory))
+    except CheckpointError as e:
+        if fresh_ok and "holds no" in str(e):
+            return None, None
+        raise
 
 
 def _footer_args(path: Path) -> dict[str, Any] | None:

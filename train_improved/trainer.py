@@ -184,7 +184,7 @@ class Trainer:
             "val_loss": self.val_loss,
             "best_val_loss": self.manager.best_value if self.manager is not None else None,  # of --metric
             "last_eval_step": self.last_eval_step,
-            "args": cfg.to_dict(),
+            "args": cfg.stored_args(),
             "world_size": self.dist.world_size,
             "rng_state": as_plain_rng_state(snapshot_rng()),
             # Evaluation reads a fixed set of windows, so the validation position is always its start.

@@ -92,6 +92,8 @@ class CheckpointManager:
         self._parent_path: Path | None = None
         self._resumed: dict[str, Any] | None = None  # its footer, which seeds best tracking
         self._best = BestTracker(self._options.metric, self._options.mode)  # the store's one best tracker
+        self.mirror: Any = None  # the second tier's uploader (mirror.Mirror), once attach_mirror() is called
+        self._mirror_events: list[dict[str, Any]] = []
         if not read_only:
             self._open_for_writing()
         self._seed_best()
@@ -104,12 +106,18 @@ class CheckpointManager:
             logger.warning("removed %d temporary file(s) left by an interrupted save in %s", len(removed),
                            self.directory)
 
-    def close(self) -> list[SaveResult]:
-        """Wait for the save in flight, release the directory, and return the results not yet polled."""
+    def close(self, mirror_wait: float = 300.0) -> list[SaveResult]:
+        """Wait for the save in flight (and for the mirror, up to `mirror_wait` seconds), release the
+        directory, and return the results not yet polled."""
         if self._executor is not None:
             self._wait_inflight()
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self.mirror is not None:
+            if not self.mirror.close(wait=mirror_wait):
+                logger.warning("the mirror did not catch up before the end: it holds up to step %s",
+                               self.mirror.mirrored_step)
+            self.mirror = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -286,8 +294,27 @@ class CheckpointManager:
             verify = False
             logger.warning("an emergency save is expected to take %.1fs, over the budget of %.0fs: skipping its "
                            "read-back verification (its checksum is still checked on load)", expected, budget)
+        started = time.monotonic()
         self.save(state, step=step, kinds=Kind.EMERGENCY, verify=verify, **save_options)
-        return self.wait_until_finished()
+        results = self.wait_until_finished()
+        if self.mirror is not None:  # the one save the loop waits for on the mirror, within what is left
+            left = max(0.0, budget - (time.monotonic() - started)) if budget is not None else 60.0
+            if not self.mirror.request(wait=left):
+                logger.warning("the emergency checkpoint did not reach the mirror within the budget; the mirror "
+                               "holds up to step %s", self.mirror.mirrored_step)
+        return results
+
+    def attach_mirror(self, remote: Any) -> None:
+        """Mirror every committed save to `remote` (a `mirror.RemoteStore`) from a background uploader."""
+        from .mirror import Mirror
+
+        self.mirror = Mirror(remote, self.directory, on_sync=self._mirror_events.append)
+        self.mirror.request()  # what the store already holds goes up first
+
+    def mirror_events(self) -> list[dict[str, Any]]:
+        """Syncs the mirror finished since the last call (mirrored_step, upload_s, upload_bytes)."""
+        events, self._mirror_events = self._mirror_events, []
+        return events
 
     def expected_save_seconds(self) -> float | None:
         """How long one more file like the last should take to commit, from measured saves; None before any."""
@@ -343,6 +370,8 @@ class CheckpointManager:
                 self._last_file_bytes, self.write_bandwidth = r.file_bytes, r.bytes / max(r.write_s, 1e-9)
         self._done.extend(results)
         self._jobs += 1
+        if self.mirror is not None and any(r.error is None for r in results):
+            self.mirror.request()  # never waits: the uploader coalesces what it has not sent yet
         if self.options.storage_report_every and self._jobs % self.options.storage_report_every == 0:
             logger.info("%s", self.storage_summary())
 

@@ -411,3 +411,19 @@ def append_line(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         fsync(f.fileno())
+
+
+def replace_file(final: Path, data: bytes) -> None:
+    """Atomically give `final` the content `data`: temporary file, fsync, rename, fsync the directory."""
+    with _temporary_for(final, f"write {final.name}") as tmp:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+
+
+def copy_durably(src: Path, dst: Path) -> None:
+    """Copy a file and fsync it (a mirror on a local or network filesystem)."""
+    _copy_durably(src, dst)

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""The mirror's cost, against baselines measured in the same run, on a real S3 endpoint.
+
+  * loop stall per save with --mirror on vs off, the same run otherwise (goal: ratio <= 1.05);
+  * upload throughput of the mirror (temporary key, streamed read-back, digest check, move) vs a plain
+    `fs.put_file` of the same file to the same endpoint (goal: >= 0.8);
+  * bytes uploaded per save / bytes of the checkpoint file (goal: <= 1.05).
+
+The endpoint is moto's server mode in a separate process on 127.0.0.1 (so it does not share this
+process's CPU time with training).
+
+    python benchmarks/mirror_io.py                      # a 37 MB state, saved every 5 steps
+    python benchmarks/mirror_io.py --n-embd 64 --steps 10 --every 5    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from train_improved.checkpoint import CheckpointManager, CheckpointOptions, read_footer
+from train_improved.checkpoint.mirror import RemoteStore
+from train_improved.config import resolve
+from train_improved.metrics import MetricsLogger
+from train_improved.signals import GracefulStop
+from train_improved.trainer import Trainer
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start_s3() -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("moto server did not start")
+
+
+def run(options: dict, workdir: Path, mirror: RemoteStore | None) -> list[dict]:
+    cfg = resolve(cli={**options, "checkpoint_dir": str(workdir / "ck"), "metrics_file": str(workdir / "m.jsonl"),
+                       "sample_length": 0, "eval_interval": 10**6}, environ={}, config_file=None)
+    trainer = Trainer(cfg)
+    manager = CheckpointManager(cfg.checkpoint_dir, CheckpointOptions(save_every=cfg.checkpoint_freq))
+    if mirror is not None:
+        manager.attach_mirror(mirror)
+    with GracefulStop() as stop:
+        trainer.run(stop, manager, MetricsLogger(cfg.metrics_path))
+    manager.close()
+    return [json.loads(line) for line in cfg.metrics_path.read_text().splitlines()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-embd", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--every", type=int, default=5)
+    args = ap.parse_args()
+    os.environ.update(CREDENTIALS)
+    server, endpoint = start_s3()
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("bench")
+        options = {"n_layer": 4, "n_head": 4, "n_embd": args.n_embd, "block_size": 32, "batch_size": 4,
+                   "mini_batch_size": 4, "max_steps": args.steps, "checkpoint_freq": args.every, "device": "cpu"}
+        with tempfile.TemporaryDirectory() as tmp:
+            off = run(options, Path(tmp) / "off", None)
+            remote = RemoteStore.open("s3://bench/run", {"endpoint_url": endpoint})
+            on = run(options, Path(tmp) / "on", remote)
+            stall = {name: statistics.median(r["stall_s"] for r in recs if r["event"] == "checkpoint")
+                     for name, recs in (("off", off), ("on", on))}
+            saves = [r for r in on if r["event"] == "checkpoint"]
+            sent = sum(r["upload_bytes"] for r in on if r["event"] == "mirror")
+            file_bytes = (Path(tmp) / "on" / "ck" / "latest.pt").stat().st_size
+            distinct = len({r["step"] for r in saves})
+            print(f"state file {file_bytes / 2**20:.1f} MiB, {len(saves)} saves at {distinct} steps, "
+                  f"every {args.every} steps")
+            print(f"loop stall per save: mirror off {1e3 * stall['off']:.1f} ms, on {1e3 * stall['on']:.1f} ms, "
+                  f"on/off {stall['on'] / stall['off']:.3f}")
+            print(f"bytes uploaded per distinct save / file: {sent / distinct / file_bytes:.3f}")
+            path = Path(tmp) / "on" / "ck" / "latest.pt"
+            digest = read_footer(path)["digest"]
+            plain, ours = [], []
+            for i in range(3):
+                t = time.perf_counter()
+                remote.fs.put_file(str(path), f"bench/plain/{i}.pt")
+                plain.append(time.perf_counter() - t)
+                remote.delete({f"objects/{digest}.pt"})
+                t = time.perf_counter()
+                remote.upload(path)
+                ours.append(time.perf_counter() - t)
+            p, o = statistics.median(plain), statistics.median(ours)
+            print(f"upload of {file_bytes / 2**20:.1f} MiB: plain fs.put_file {file_bytes / p / 2**20:.0f} MiB/s, "
+                  f"mirror (with read-back and digest) {file_bytes / o / 2**20:.0f} MiB/s, throughput ratio {p / o:.2f}")
+    finally:
+        server.terminate()
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The second tier (issue 13): every checkpoint mirrored to a real S3 endpoint, and back when the machine is gone.
+
+The endpoint is moto's server mode (ThreadedMotoServer) on 127.0.0.1, started by a fixture, with s3fs
+as the client, as s3fs's own suite does; a file:// mirror is tested too. The runs are real `train`
+processes: killed, stopped with SIGTERM, their local store deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_improved.checkpoint.mirror import RemoteStore
+
+from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, run_train, step_losses
+
+moto_server = pytest.importorskip("moto.server")
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+STEPS = 40
+ARGS = ["--data", "corpus.txt", *TINY, "--max-steps", str(STEPS), "--num-epochs", "10"]
+
+
+class S3:
+    """A real S3 endpoint on loopback, and its address for --mirror-options."""
+
+    def __init__(self) -> None:
+        self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        self.port = self.server._server.port  # noqa: SLF001 - moto exposes the bound port only here
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def restart(self) -> None:
+        self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def options(self, **extra: object) -> str:
+        return json.dumps({"endpoint_url": self.url, **extra})
+
+    def store(self, url: str) -> RemoteStore:
+        return RemoteStore.open(url, json.loads(self.options()), check_writable=False)
+
+
+@pytest.fixture(scope="module")
+def s3() -> S3:
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
+    os.environ.update(CREDENTIALS)
+    server = S3()
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=server.url)
+    fs.mkdir("bucket")
+    yield server
+    server.server.stop()
+
+
+def train_env() -> dict[str, str]:
+    return {**os.environ, **CREDENTIALS, "PYTHONUNBUFFERED": "1"}
+
+
+def fresh(tmp_path: Path, name: str) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
+    return d
+
+
+def mirror_args(s3: S3, prefix: str) -> list[str]:
+    return ["--mirror", f"s3://bucket/{prefix}", "--mirror-options", s3.options()]
+
+
+def final_model(d: Path) -> dict[str, torch.Tensor]:
+    return torch.load(d / "checkpoints" / "latest.pt", weights_only=True)["model"]
+
+
+def test_the_bucket_alone_resumes_a_run_bitwise_exactly(s3: S3, tmp_path: Path) -> None:
+    reference = fresh(tmp_path, "reference")
+    run_train(*ARGS, cwd=reference, check=True)
+    victim = fresh(tmp_path, "victim")
+    proc = subprocess.Popen([sys.executable, "-m", "train_improved", *ARGS, *mirror_args(s3, "loss")], cwd=victim,
+                            env=train_env(), stderr=subprocess.PIPE, text=True)
+    target, metrics = random.randint(6, 30), victim / "runs" / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and any(
+            r["event"] == "step" and r["step"] >= target for r in read_metrics(metrics))):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped = torch.load(victim / "checkpoints" / "latest.pt", weights_only=True)["step"]
+    manifest = s3.store("s3://bucket/loss").manifest()
+    assert manifest["latest.pt"].step == stopped  # the emergency checkpoint was awaited on the mirror
+    # The machine is gone: a new one has the data and the command, nothing else.
+    new = fresh(tmp_path, "new_machine")
+    out = run_train(*ARGS, "--resume", "latest", *mirror_args(s3, "loss"), cwd=new, env=CREDENTIALS)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stderr.split())
+    assert "the local store holds no checkpoint: trying the mirror" in text and f"at step {stopped}" in text
+    ours, theirs = step_losses(new / "runs" / "metrics.jsonl"), step_losses(reference / "runs" / "metrics.jsonl")
+    assert ours == {s: v for s, v in theirs.items() if s > stopped}
+    assert all(torch.equal(final_model(new)[k], v) for k, v in final_model(reference).items())
+
+
+def test_each_checkpoint_is_uploaded_once_and_the_mirror_follows_retention(s3: S3, tmp_path: Path) -> None:
+    d = fresh(tmp_path, "run")
+    out = run_train(*ARGS, *mirror_args(s3, "dedup"), cwd=d, env=CREDENTIALS)
+    assert out.returncode == 0, out.stderr
+    remote = s3.store("s3://bucket/dedup")
+    manifest = remote.manifest()
+    local = {p.name for p in (d / "checkpoints").glob("*.pt")}
+    assert set(manifest) == local  # retention on the mirror follows the local store
+    objects = remote.fs.ls("bucket/dedup/objects")
+    assert len(objects) == len({e.digest for e in manifest.values()})  # latest.pt and backups are no extra objects
+    assert not remote.fs.exists("bucket/dedup/tmp") or not remote.fs.ls("bucket/dedup/tmp")
+    for entry in manifest.values():
+        remote.verify_entry(entry)
+    records = [r for r in read_metrics(d / "runs" / "metrics.jsonl") if r["event"] == "mirror"]
+    assert records and {"mirrored_step", "mirror_lag_steps", "upload_s", "upload_bytes"} <= records[-1].keys()
+    listing = run_train("--list-checkpoints", "--json", env={**CREDENTIALS, "CHECKPOINT_MIRROR_OPTIONS": s3.options()},
+                        cwd=d)
+    assert {r["mirror"] for r in json.loads(listing.stdout)["checkpoints"]} == {"mirrored"}
+
+
+def test_a_damaged_remote_object_is_named_by_verify_and_skipped_on_resume(s3: S3, tmp_path: Path) -> None:
+    d = fresh(tmp_path, "run")
+    assert run_train(*ARGS, *mirror_args(s3, "damaged"), cwd=d, env=CREDENTIALS).returncode == 0
+    remote = s3.store("s3://bucket/damaged")
+    latest = remote.manifest()["latest.pt"]
+    data = bytearray(remote.fs.cat_file(f"bucket/damaged/{latest.key}"))
+    data[len(data) // 2] ^= 1
+    remote.fs.pipe_file(f"bucket/damaged/{latest.key}", bytes(data))
+    listing = run_train("--list-checkpoints", "--mirror", "s3://bucket/damaged", "--verify", "--json",
+                        "--mirror-options", s3.options(), cwd=d, env=CREDENTIALS)
+    rows = {r["name"]: r["status"] for r in json.loads(listing.stdout)["checkpoints"]}
+    assert listing.returncode == 1 and rows["latest.pt"].startswith("BAD") and "checksum" in rows["latest.pt"]
+    new = fresh(tmp_path, "new_machine")
+    out = run_train(*ARGS, "--max-steps", str(STEPS + 2), "--resume", "latest", *mirror_args(s3, "damaged"),
+                    cwd=new, env=CREDENTIALS)
+    text = " ".join(out.stderr.split())
+    assert out.returncode == 0, text
+    assert "on the mirror failed verification" in text and "downloaded" in text
+
+
+@pytest.mark.parametrize("url, options, message", [
+    ("not-a-url", None, "expected a URL such as s3://bucket/prefix"),
+    ("nosuchproto://bucket/x", None, "nosuchproto"),
+    ("gs://bucket/x", None, 'pip install "train_improved[gcs]"'),
+    ("s3://no-such-bucket/x", "S3", "cannot write there"),
+    ("s3://bucket/x", {"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}},
+     "cannot write there"),
+])
+def test_an_unusable_mirror_is_one_line_before_training(s3: S3, tmp_path: Path, url: str, options: object,
+                                                        message: str) -> None:
+    d = fresh(tmp_path, "run")
+    extra = [] if options is None else ["--mirror-options", s3.options() if options == "S3" else json.dumps(options)]
+    out = run_train(*ARGS, "--mirror", url, *extra, cwd=d, env=CREDENTIALS, timeout=120)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert not (d / "checkpoints").exists() and not (d / "runs").exists()
+
+
+def test_a_file_url_mirror_and_a_named_remote_checkpoint(tmp_path: Path) -> None:
+    d = fresh(tmp_path, "run")
+    url = f"file://{tmp_path / 'nfs' / 'run1'}"
+    assert run_train(*ARGS, "--mirror", url, cwd=d, check=True).returncode == 0
+    manifest = json.loads((tmp_path / "nfs" / "run1" / "manifest.json").read_text())["entries"]
+    assert manifest["latest.pt"]["step"] == STEPS
+    new = fresh(tmp_path, "new_machine")
+    out = run_train(*ARGS, "--max-steps", str(STEPS + 4), "--resume", f"{url}/rolling_step_000036.pt", cwd=new)
+    assert out.returncode == 0 and "at step 36" in out.stderr, out.stderr
+
+
+@pytest.mark.faults
+def test_kill_dash_9_during_uploads_never_leaves_a_manifest_listing_a_partial_object(s3: S3, tmp_path: Path) -> None:
+    heavy = ["--data", "corpus.txt", "--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "32",
+             "--batch-size", "4", "--mini-batch-size", "2", "--eval-interval", "5", "--eval-steps", "1",
+             "--checkpoint-freq", "2", "--keep-checkpoints", "2", "--sample-length", "0", "--num-epochs", "100",
+             "--max-steps", "400", *mirror_args(s3, "kills")]
+    d = tmp_path / "victim"
+    d.mkdir()
+    (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES * 4))
+    remote, rng, kills = s3.store("s3://bucket/kills"), random.Random(), 0
+    while kills < 10:
+        proc = subprocess.Popen([sys.executable, "-m", "train_improved", *heavy, "--resume", "auto"], cwd=d,
+                                env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 5.0))  # start-up ~2 s, then a 25 MB save and its upload every few steps
+        assert proc.poll() is None, "the run ended before the kill"
+        proc.kill()
+        proc.wait()
+        kills += 1
+        for entry in remote.manifest().values():  # whatever the manifest lists is whole
+            remote.verify_entry(entry)
+    assert remote.manifest(), "nothing reached the mirror in 10 lives"
+    new = tmp_path / "new_machine"
+    new.mkdir()
+    shutil.copy(d / "corpus.txt", new / "corpus.txt")
+    out = run_train(*heavy, "--max-steps", "1", "--resume", "latest", cwd=new, env=CREDENTIALS)
+    assert out.returncode == 0 and "downloaded" in " ".join(out.stderr.split()), out.stderr
+
+
+def test_an_outage_mid_run_is_survived_and_the_mirror_catches_up(s3: S3, tmp_path: Path) -> None:
+    d = fresh(tmp_path, "run")
+    args = [*ARGS, "--max-steps", "400", "--num-epochs", "100", "--checkpoint-freq", "10",
+            *mirror_args(s3, "outage"), "--mirror-options",
+            s3.options(config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 1})]
+    proc = subprocess.Popen([sys.executable, "-m", "train_improved", *args], cwd=d, env=train_env(),
+                            stderr=subprocess.PIPE, text=True)
+    metrics = d / "runs" / "metrics.jsonl"
+
+    def steps() -> int:
+        return max([r["step"] for r in read_metrics(metrics) if r["event"] == "step"] or [0]) if metrics.exists() else 0
+
+    while proc.poll() is None and not (metrics.exists() and any(r["event"] == "mirror" for r in read_metrics(metrics))):
+        time.sleep(0.05)
+    s3.server.stop()
+    down_at = steps()
+    while proc.poll() is None and steps() < down_at + 100:  # training goes on while the mirror is down
+        time.sleep(0.05)
+    s3.restart()
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    text = " ".join(err.split())
+    assert "failed" in text and "retrying in the background, training goes on" in text
+    assert "is reachable again" in text
+    lags = [r["mirror_lag_steps"] for r in read_metrics(metrics) if r["event"] == "checkpoint" and r["step"] > down_at]
+    assert max(lags) >= 50  # the lag was reported, and grew while the mirror was down
+    assert s3.store("s3://bucket/outage").manifest()["latest.pt"].step == 400  # caught up: the newest went up
