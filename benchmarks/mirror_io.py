@@ -76,7 +76,7 @@ def main() -> None:
     try:
         import s3fs
 
-        s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("bench")
+        s3fs.S3FileSystem(endpoint_url=endpoint).makedirs("bench", exist_ok=True)
         options = {"n_layer": 4, "n_head": 4, "n_embd": args.n_embd, "block_size": 32, "batch_size": 4,
                    "mini_batch_size": 4, "max_steps": args.steps, "checkpoint_freq": args.every, "device": "cpu"}
         with tempfile.TemporaryDirectory() as tmp:

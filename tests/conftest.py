@@ -67,6 +67,17 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Return once the run writing `metrics` has logged `step`, has ended, or `timeout` seconds passed."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any(r["event"] == "step" and r["step"] >= step for r in read_metrics(metrics)):
+            return
+        time.sleep(0.01)
+
+
 def step_losses(path: Path) -> dict[int, float]:
     """step -> loss; a step logged twice (after a kill) must have logged the same loss both times."""
     losses: dict[int, float] = {}

@@ -17,7 +17,7 @@ import torch
 from train_improved.checkpoint import read_footer, verify_file
 from train_improved.checkpoint.sharded import load_model_state
 
-from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, step_losses
+from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, step_losses, wait_for_step
 
 pytestmark = pytest.mark.distributed
 
@@ -72,12 +72,7 @@ def stop_with_sigterm(cwd: Path, *args: str) -> str:
     target = random.randint(4, 20)
     proc = subprocess.Popen(torchrun(*args), cwd=cwd, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    metrics = cwd / "runs" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and any(r["event"] == "step" and r["step"] >= target for r in read_metrics(metrics)):
-            break
-        time.sleep(0.01)
+    wait_for_step(cwd / "runs" / "metrics.jsonl", target, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0, err[-2000:]

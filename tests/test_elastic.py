@@ -14,12 +14,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS_BYTES, corpus_bytes, read_metrics, step_losses
+from conftest import CORPUS_BYTES, corpus_bytes, read_metrics, step_losses, wait_for_step
 
 pytestmark = pytest.mark.distributed
 
@@ -77,12 +76,7 @@ def stopped_copy(tmp: Path, *extra: str) -> Path:
     (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES * 2))
     proc = subprocess.Popen(launch(2, d / "record", *ARGS, *extra), cwd=d, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    target, metrics = random.randint(3, 16), d / "runs" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and any(r["event"] == "step" and r["step"] >= target for r in read_metrics(metrics)):
-            break
-        time.sleep(0.01)
+    wait_for_step(d / "runs" / "metrics.jsonl", random.randint(3, 16), proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and list((d / "checkpoints").glob("emergency_step_*")), err[-3000:]

@@ -60,7 +60,7 @@ def s3() -> S3:
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=server.url)
-    fs.mkdir("bucket")
+    fs.makedirs("bucket", exist_ok=True)  # moto keeps its buckets for the whole test process
     yield server
     server.server.stop()
 

@@ -176,7 +176,7 @@ def test_start_up_banner_and_warnings(run_dir: Path, monkeypatch) -> None:
                                  monkeypatch=monkeypatch)
     text = " ".join(err.split())
     assert code == 0, text
-    assert "data: 1 .txt files in texts (ignored: 1 subdirectories, 1 other files): 3,150 training tokens" in text
+    assert f"data: 1 .txt files in {texts} (ignored: 1 subdirectories, 1 other files): 3,150 training tokens" in text
     assert "model: 0.03M parameters" in text and "checkpoints:" in text
     assert "--warmup-steps 10 is not shorter than the run (4 steps)" in text
 

@@ -221,8 +221,8 @@ class RemoteStore:
         entries = self.manifest()
         if not entries:
             raise CheckpointError(f"the mirror {mask(self.url)} holds no checkpoint")
-        if which == "latest":
-            order = sorted(entries.values(), key=lambda e: (e.step or -1, e.name == layout.LATEST), reverse=True)
+        if which == "latest":  # latest.pt (the local store's own choice, on its line of training), then newest
+            order = sorted(entries.values(), key=lambda e: (e.name == layout.LATEST, e.step or -1), reverse=True)
         elif which == "best":
             order = [entries[n] for n in (layout.BEST, layout.BEST_BACKUP, layout.BEST_PREVIOUS) if n in entries]
         else:
@@ -283,6 +283,8 @@ class Mirror:
         self._failing = False
         remote.clean_temporaries()
         self._entries = remote.manifest()
+        latest = self._entries.get(layout.LATEST)
+        self.mirrored_step = latest.step if latest else None
         self._thread = threading.Thread(target=self._run, name="checkpoint-mirror", daemon=True)
         self._thread.start()
 
