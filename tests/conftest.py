@@ -89,10 +89,11 @@ def step_losses(path: Path) -> dict[int, float]:
     return losses
 
 
-def train_in_process(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
-    """Run `train` in this process (no interpreter start-up: ~10x faster for short runs); (exit code, stderr).
+def invoke_train(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - click's Result
+    """Run `train` in this process (no interpreter start-up: ~10x faster for short runs).
 
     For tests that need no signal and no second process: the same command line, options and store.
+    The result has exit_code, stdout and stderr.
     """
     from typer.testing import CliRunner
 
@@ -102,4 +103,10 @@ def train_in_process(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> 
     result = CliRunner().invoke(train_app(), _normalize_argv(list(args)), prog_name="train")
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
+    return result
+
+
+def train_in_process(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """`invoke_train`'s (exit code, stderr)."""
+    result = invoke_train(*args, cwd=cwd, monkeypatch=monkeypatch)
     return result.exit_code, result.stderr

@@ -8,7 +8,7 @@ import pytest
 
 from train_improved.config import OPTION_NAMES
 
-from conftest import TINY, run_train
+from conftest import TINY, run_train, train_in_process
 
 
 def test_help_lists_every_option(tmp_path: Path) -> None:
@@ -29,11 +29,12 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
     (["--resume", "latest"], "no checkpoint to resume from"),
     (["--resume", "./nope.pt"], "no checkpoint named ./nope.pt"),
 ])
-def test_bad_input_is_one_clear_line(tmp_path: Path, text_file: Path, args: list[str], message: str) -> None:
-    out = run_train("--data", str(text_file), *TINY, *args, cwd=tmp_path)
-    assert out.returncode == 1, out.stderr
-    assert message in " ".join(out.stderr.split()), out.stderr
-    assert "Traceback" not in out.stderr
+def test_bad_input_is_one_clear_line(tmp_path: Path, text_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                     args: list[str], message: str) -> None:
+    code, err = train_in_process("--data", str(text_file), *TINY, *args, cwd=tmp_path, monkeypatch=monkeypatch)
+    assert code == 1, err
+    assert message in " ".join(err.split()), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
     assert not list((tmp_path / "checkpoints").glob("*.pt")) if (tmp_path / "checkpoints").exists() else True
 
@@ -45,9 +46,11 @@ def test_checkpoint_dir_that_is_a_file_is_refused(tmp_path: Path, text_file: Pat
     assert (tmp_path / "ck").read_text() == "not a dir"
 
 
-def test_starting_fresh_over_an_existing_run_is_refused(tmp_path: Path, text_file: Path) -> None:
-    run_train("--data", str(text_file), *TINY, "--max-steps", "4", cwd=tmp_path, check=True)
+def test_starting_fresh_over_an_existing_run_is_refused(tmp_path: Path, text_file: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ["--data", str(text_file), *TINY, "--max-steps", "4"]
+    assert train_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch)[0] == 0
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()}
-    out = run_train("--data", str(text_file), *TINY, "--max-steps", "4", cwd=tmp_path)
-    assert out.returncode == 1 and "--resume latest" in out.stderr
+    code, err = train_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch)
+    assert code == 1 and "--resume latest" in err
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()} == before

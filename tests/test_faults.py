@@ -22,7 +22,7 @@ import torch
 from train_improved.checkpoint import storage, verify_file
 from train_improved.save_points import EXIT_NOT_DURABLE
 
-from conftest import CORPUS_BYTES, TINY, corpus_bytes, run_train, step_losses
+from conftest import CORPUS_BYTES, TINY, corpus_bytes, invoke_train, run_train, step_losses, train_in_process
 
 pytestmark = pytest.mark.faults
 
@@ -120,16 +120,16 @@ DAMAGES = ["truncate_1", "truncate_half", "truncate_last_byte", "flip_header", "
 
 
 @pytest.mark.parametrize("how", DAMAGES)
-def test_damaged_latest_is_named_and_skipped(finished_run: Path, tmp_path: Path, how: str) -> None:
+def test_damaged_latest_is_named_and_skipped(finished_run: Path, tmp_path: Path, how: str, monkeypatch) -> None:
     run = tmp_path / "r"
     shutil.copytree(finished_run, run)
     damage(run / "checkpoints" / "latest.pt", how)
-    listing = run_train("--list-checkpoints", "--verify", "--json", cwd=run)
-    assert listing.returncode == 1 and '"name": "latest.pt"' in listing.stdout and "BAD" in listing.stdout
-    out = run_train("--data", "corpus.txt", *TINY, "--max-steps", "26", "--num-epochs", "5", "--resume", "latest",
-                    cwd=run)
-    assert out.returncode == 0, out.stderr
-    text = " ".join(out.stderr.split())
+    listing = invoke_train("--list-checkpoints", "--verify", "--json", cwd=run, monkeypatch=monkeypatch)
+    assert listing.exit_code == 1 and '"name": "latest.pt"' in listing.stdout and "BAD" in listing.stdout
+    code, err = train_in_process("--data", "corpus.txt", *TINY, "--max-steps", "26", "--num-epochs", "5",
+                                 "--resume", "latest", cwd=run, monkeypatch=monkeypatch)
+    assert code == 0, err
+    text = " ".join(err.split())
     assert "latest.pt failed verification" in text and "resuming from" in text and "at step 24" in text
 
 
@@ -186,15 +186,15 @@ def test_hostile_pickle_never_runs_anywhere(finished_run: Path, tmp_path: Path) 
     assert not Evil.marker.exists()
 
 
-def test_path_like_resume_names_cannot_reach_outside(finished_run: Path, tmp_path: Path) -> None:
+def test_path_like_resume_names_cannot_reach_outside(finished_run: Path, tmp_path: Path, monkeypatch) -> None:
     run = tmp_path / "r"
     shutil.copytree(finished_run, run)
     outside = tmp_path / "precious.txt"
     outside.write_text("keep me")
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")}
     for name in ("../../precious.txt", "../precious.txt", str(outside), "/etc/passwd"):
-        out = run_train("--data", "corpus.txt", *TINY, "--resume", name, cwd=run)
-        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        code, err = train_in_process("--data", "corpus.txt", *TINY, "--resume", name, cwd=run, monkeypatch=monkeypatch)
+        assert code == 1 and "Traceback" not in err, err
     assert outside.read_text() == "keep me"
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")} == before
 

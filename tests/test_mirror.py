@@ -183,7 +183,8 @@ def test_a_file_url_mirror_and_a_named_remote_checkpoint(tmp_path: Path) -> None
 
 @pytest.mark.faults
 def test_kill_dash_9_during_uploads_never_leaves_a_manifest_listing_a_partial_object(s3: S3, tmp_path: Path) -> None:
-    heavy = ["--data", "corpus.txt", "--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "32",
+    # ~6 MB files: uploads to the in-process S3 take a good part of each life, so kills land in them.
+    heavy = ["--data", "corpus.txt", "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "32",
              "--batch-size", "4", "--mini-batch-size", "2", "--eval-interval", "5", "--eval-steps", "1",
              "--checkpoint-freq", "2", "--keep-checkpoints", "2", "--sample-length", "0", "--num-epochs", "100",
              "--max-steps", "400", *mirror_args(s3, "kills")]
@@ -191,10 +192,17 @@ def test_kill_dash_9_during_uploads_never_leaves_a_manifest_listing_a_partial_ob
     d.mkdir()
     (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES * 4))
     remote, rng, kills = s3.store("s3://bucket/kills"), random.Random(), 0
+    metrics = d / "runs" / "metrics.jsonl"
     while kills < 10:
+        saves = sum(r["event"] == "checkpoint" for r in read_metrics(metrics)) if metrics.exists() else 0
         proc = subprocess.Popen([sys.executable, "-m", "train_improved", *heavy, "--resume", "auto"], cwd=d,
                                 env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.0, 5.0))  # start-up ~2 s, then a 25 MB save and its upload every few steps
+        # Once this life has committed a save (whatever the machine's speed), its upload is under way:
+        # the kill lands at a random moment of the uploads that follow.
+        while proc.poll() is None and not (metrics.exists() and sum(
+                r["event"] == "checkpoint" for r in read_metrics(metrics)) > saves):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 1.0))
         assert proc.poll() is None, "the run ended before the kill"
         proc.kill()
         proc.wait()
