@@ -30,8 +30,6 @@ Commit order of one save (each line is durable before the next starts):
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -330,7 +328,7 @@ class CheckpointManager:
     def _writer(self) -> ThreadPoolExecutor:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
-                                                initializer=_yield_cpu_to_training)
+                                                initializer=storage.yield_cpu_to_training)
         return self._executor
 
     def _stage(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -469,11 +467,3 @@ class CheckpointManager:
             digest = None
         commit.history(self.directory, {"event": "verify_failed", "name": path.name, "digest": digest,
                                         "error": reason})
-
-
-def _yield_cpu_to_training() -> None:
-    """Lower the writer thread's CPU priority: where cores are few, training should win them."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # Linux: this thread only
-    except (AttributeError, OSError):
-        pass  # not Linux, or not permitted: the writer just runs at normal priority

@@ -323,6 +323,7 @@ class Mirror:
         return local_step - (self.mirrored_step or 0)
 
     def _run(self) -> None:
+        storage.yield_cpu_to_training()
         backoff = 1.0
         while True:
             with self._cond:

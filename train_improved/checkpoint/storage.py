@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import struct
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
@@ -427,3 +428,11 @@ def replace_file(final: Path, data: bytes) -> None:
 def copy_durably(src: Path, dst: Path) -> None:
     """Copy a file and fsync it (a mirror on a local or network filesystem)."""
     _copy_durably(src, dst)
+
+
+def yield_cpu_to_training() -> None:
+    """Lower the calling thread's CPU priority (the save writer, the mirror's uploader): training should win the cores."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # Linux: this thread only
+    except (AttributeError, OSError):
+        pass  # not Linux, or not permitted: the writer just runs at normal priority
