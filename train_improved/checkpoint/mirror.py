@@ -252,8 +252,7 @@ class RemoteStore:
                 dst.flush()
                 storage.fsync(dst.fileno())
             footer = fileformat.verify_file(tmp, expected_digest=entry.digest)
-            os.replace(tmp, final)
-            storage.fsync_dir(final.parent)
+            storage.commit_temporary(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
