@@ -203,3 +203,42 @@ def test_names_resolve_inside_the_directory(tmp_path: Path) -> None:
         assert m.resolve("../../etc/passwd") == Path("../../etc/passwd")
         with pytest.raises(CheckpointError, match="no checkpoint named nope.pt"):
             m.restore("nope.pt")
+
+
+def test_a_restore_under_another_metric_or_mode_starts_best_tracking_again(tmp_path: Path) -> None:
+    # The best a checkpoint records belongs to its metric and mode; under others it means nothing.
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=1)) as m:
+        m.save(st(1), step=1, kinds=[Kind.BEST, Kind.ROLLING], metrics={"val_loss": 1.0, "train_loss": 9.0})
+    for options in (CheckpointOptions(metric="train_loss"), CheckpointOptions(mode="max")):
+        with CheckpointManager(tmp_path, options) as m:
+            m.restore("latest")
+            assert m.best_value is None and m.is_improvement({"val_loss": 50.0, "train_loss": 50.0})
+    with CheckpointManager(tmp_path) as m:  # same metric and mode: the recorded best holds
+        m.restore("latest")
+        assert m.best_value == 1.0 and not m.is_improvement({"val_loss": 2.0})
+        m.options = CheckpointOptions(metric="train_loss")  # options given after the restore re-seed it
+        assert m.best_value is None
+
+
+def test_after_a_branch_latest_backup_is_the_state_it_continued(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=1)) as m:
+        for step in (1, 2, 3, 4):
+            m.save(st(step), step=step)
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=1)) as m:
+        m.restore("rolling_step_000002.pt")  # back to step 2: the first run's steps 3 and 4 are another line
+        m.save(st(3), step=3)
+        m.wait_until_finished()
+    assert storage.read_footer(tmp_path / "latest_backup.pt")["step"] == 2  # not the abandoned step 4
+
+
+def test_retention_deletes_an_abandoned_branch_before_the_new_lines_files(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=1, keep_rolling=3)) as m:
+        for step in range(1, 11):
+            m.save(st(step), step=step)  # rolling 8, 9, 10 are kept
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=1, keep_rolling=2)) as m:
+        m.restore("rolling_step_000008.pt")
+        m.save(st(9), step=9)
+        m.wait_until_finished()
+    # Sorted by step alone, the new step 9 was the oldest deletable file; the abandoned step 10 goes.
+    assert names(tmp_path) >= {"rolling_step_000008.pt", "rolling_step_000009.pt"}
+    assert "rolling_step_000010.pt" not in names(tmp_path)

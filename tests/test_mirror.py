@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from train_improved.checkpoint import read_footer
 from train_improved.checkpoint.mirror import RemoteStore
 
 from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, run_train, step_losses
@@ -244,3 +245,82 @@ def test_an_outage_mid_run_is_survived_and_the_mirror_catches_up(s3: S3, tmp_pat
     lags = [r["mirror_lag_steps"] for r in read_metrics(metrics) if r["event"] == "checkpoint" and r["step"] > down_at]
     assert max(lags) >= 50  # the lag was reported, and grew while the mirror was down
     assert s3.store("s3://bucket/outage").manifest()["latest.pt"].step == 400  # caught up: the newest went up
+
+
+def saved_store(tmp_path: Path) -> Path:
+    """A local store with a few rolling checkpoints, written by the store itself."""
+    from train_improved.checkpoint import CheckpointManager, CheckpointOptions
+
+    d = tmp_path / "ck"
+    with CheckpointManager(d, CheckpointOptions(save_every=1, keep_rolling=2)) as m:
+        for step in (1, 2, 3):
+            m.save({"w": torch.full((64,), float(step)), "step": step}, step=step)
+    return d
+
+
+def test_an_upload_that_does_not_read_back_identical_is_never_listed(tmp_path: Path, monkeypatch) -> None:
+    from train_improved.checkpoint import CorruptCheckpointError, fileformat
+
+    d = saved_store(tmp_path)
+    remote = RemoteStore.open(f"file://{tmp_path / 'mirror'}")
+    monkeypatch.setattr(fileformat, "_hash_open", lambda *a, **k: "0" * 32)  # the read-back sees other bytes
+    with pytest.raises(CorruptCheckpointError):
+        remote.upload(d / "rolling_step_000003.pt")
+    monkeypatch.undo()
+    assert not list((tmp_path / "mirror" / "objects").iterdir()) and not list((tmp_path / "mirror" / "tmp").iterdir())
+    assert remote.manifest() == {}
+
+
+def test_objects_are_deleted_only_after_a_manifest_without_them_is_written(tmp_path: Path, monkeypatch) -> None:
+    from train_improved.checkpoint.mirror import Mirror
+
+    d = saved_store(tmp_path)
+    remote = RemoteStore.open(f"file://{tmp_path / 'mirror'}")
+    mirror = Mirror(remote, d)
+    assert mirror.request(wait=60)
+    before = {p.name for p in (tmp_path / "mirror" / "objects").iterdir()}
+    assert len(before) == 2  # rolling 2 and 3 (latest and the backups are entries, not objects)
+    for name in ("rolling_step_000002.pt", "latest_backup.pt"):  # the local store moved on: step 2 is gone
+        (d / name).unlink()
+    monkeypatch.setattr(remote, "write_manifest", lambda entries: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    assert not mirror.request(wait=3)  # the manifest write fails: the sync fails and is retried
+    assert {p.name for p in (tmp_path / "mirror" / "objects").iterdir()} == before  # nothing deleted
+    monkeypatch.undo()
+    assert mirror.close(wait=60)
+    assert len(list((tmp_path / "mirror" / "objects").iterdir())) == 1
+    assert {"rolling_step_000002.pt", "latest_backup.pt"}.isdisjoint(remote.manifest())
+
+
+def test_each_distinct_checkpoint_is_uploaded_once(tmp_path: Path) -> None:
+    from train_improved.checkpoint.mirror import Mirror
+
+    d = saved_store(tmp_path)
+    distinct = {read_footer(p)["digest"]: p.stat().st_size for p in d.glob("*.pt")}
+    mirror = Mirror(RemoteStore.open(f"file://{tmp_path / 'mirror'}"), d)
+    assert mirror.request(wait=60) and mirror.request(wait=60)  # a second sync with nothing new uploads nothing
+    assert mirror.close(wait=60)
+    assert mirror.uploaded_bytes == sum(distinct.values())  # latest.pt and the backups cost no upload
+
+
+def test_an_emergency_save_waits_for_its_upload_within_the_budget(tmp_path: Path, monkeypatch, caplog) -> None:
+    import logging
+
+    from train_improved.checkpoint import CheckpointManager
+
+    remote = RemoteStore.open(f"file://{tmp_path / 'mirror'}")
+    real_upload = remote.upload
+
+    def slow_upload(path: Path, *a):
+        time.sleep(1.0)  # a big file on a slow link
+        return real_upload(path, *a)
+
+    monkeypatch.setattr(remote, "upload", slow_upload)
+    with CheckpointManager(tmp_path / "ck") as m:
+        m.attach_mirror(remote)
+        results = m.emergency_save({"w": torch.zeros(8)}, step=7, budget=20.0)
+        assert remote.manifest()[results[0].name].step == 7  # up before emergency_save returned
+        with caplog.at_level(logging.WARNING):
+            results = m.emergency_save({"w": torch.ones(8)}, step=8, budget=0.2)
+        assert results[0].name not in remote.manifest()  # returned within the budget, before the 1 s upload
+        assert "did not reach the mirror within the budget" in caplog.text
+        m.close(mirror_wait=60)

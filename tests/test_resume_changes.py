@@ -141,7 +141,9 @@ def test_auto_checkpoint_interval_survives_a_resume(tmp_path: Path, monkeypatch:
     assert saved["every"] != 250 and saved["step_time"] > 0 and saved["save_cost"] > 0
     code, err = train_in_process(*args, "--resume", "latest", cwd=tmp_path, monkeypatch=monkeypatch)
     assert code == 0, err
-    assert "until a save has been timed" not in err and "(resumed: save cost" in err
+    text = " ".join(err.split())
+    assert "until a save has been timed" not in text and "(resumed: save cost" in text
+    assert f"checkpoint interval: every {saved['every']} steps (--checkpoint-freq auto" in text  # not 250 again
 
 
 def test_a_world_size_that_cannot_share_the_batch_names_the_sizes_that_can() -> None:
