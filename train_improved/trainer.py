@@ -130,7 +130,6 @@ class Trainer:
         self.train_loss: float | None = None
         self.val_loss: float | None = None
         self.last_eval_step = 0
-        self.resumed_world_size: int | None = None  # set by load_state_dict
         self.epoch_ended = False  # the last step finished an epoch
         self._prefetched: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         # --checkpoint-freq auto starts at the default interval until a save has been timed.
@@ -200,7 +199,6 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any], path: Path | None = None) -> None:
         """Restore a checkpoint's state; `path` is where it came from (a sharded one keeps its tensors there)."""
-        self.resumed_world_size = int(state.get("world_size", 1))
         if bool(state.get("sharded")) != self.cfg.fsdp:
             written = "with --fsdp (a sharded directory)" if state.get("sharded") else "without --fsdp"
             raise CheckpointError(f"the checkpoint was written {written}; resume it the same way")

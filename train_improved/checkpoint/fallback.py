@@ -29,7 +29,6 @@ logger = logging.getLogger("train_improved.checkpoint")
 @dataclass(frozen=True)
 class Candidate:
     path: Path
-    step: int | None = None
     note: str = ""  # why this one is tried, when that needs saying (another line, newer than latest)
 
 
@@ -91,11 +90,11 @@ def _latest_chain(d: Path, checkpoints: list[CheckpointInfo]) -> list[Candidate]
         if latest is not None and latest.ok and i.name != layout.LATEST and (i.step or -1) > (latest.step or -1):
             note = (f"newer than {layout.LATEST} (step {latest.step}): the run stopped after committing it, "
                     f"before {layout.LATEST} was moved")
-        chain.append(Candidate(i.path, i.step, note))
+        chain.append(Candidate(i.path, note))
     for i in off:
         where = line.describe(i.meta) if line else "another run"
-        chain.append(Candidate(i.path, i.step, f"from another line of training ({where}), abandoned when a run "
-                                               "resumed from an earlier step"))
+        chain.append(Candidate(i.path, f"from another line of training ({where}), abandoned when a run resumed "
+                                       "from an earlier step"))
     chain += [Candidate(i.path) for i in checkpoints if not i.ok and i is not latest]
     return chain
 

@@ -86,8 +86,7 @@ class CheckpointManager:
         self.write_bandwidth: float | None = None  # bytes/s of the last committed save, all work included
         self._staging: Any = None
         self._line = Line(new_run_id())  # this run's line of training; a restore continues another's
-        self._parent: dict[str, Any] | None = None  # the checkpoint restored from, recorded in every footer
-        self._parent_path: Path | None = None
+        self._parent_path: Path | None = None  # the checkpoint restored from (recorded in every footer)
         self._resumed: dict[str, Any] | None = None  # its footer, which seeds best tracking
         self._best = BestTracker(self._options.metric, self._options.mode)  # the store's one best tracker
         self.mirror: Any = None  # the second tier's uploader (mirror.Mirror), once attach_mirror() is called
@@ -322,7 +321,12 @@ class CheckpointManager:
 
     def _context(self) -> commit.SaveContext:
         """What the writer thread needs to commit a save, fixed now."""
-        return commit.SaveContext(self.directory, self.options, self._line, self._parent, self._parent_path,
+        parent = None
+        if self._resumed is not None and self._parent_path is not None:
+            resumed_line = Line.of(self._resumed)
+            parent = {"run": resumed_line.run if resumed_line else None, "step": self._resumed.get("step"),
+                      "name": self._resumed.get("name", self._parent_path.name)}
+        return commit.SaveContext(self.directory, self.options, self._line, parent, self._parent_path,
                                   frozenset(self._protected), self._best, self._live.discard)
 
     def _writer(self) -> ThreadPoolExecutor:
@@ -454,7 +458,6 @@ class CheckpointManager:
         step = footer.get("step")
         if line is not None and isinstance(step, int):
             self._line = line.continued_by(self._line.run, step)
-        self._parent = {"run": line.run if line else None, "step": step, "name": footer.get("name", path.name)}
         self._parent_path, self._resumed = path, footer
         self._seed_best()
         found = describe(path)

@@ -145,7 +145,7 @@ class RemoteStore:
 
     # ------------------------------------------------------------------ objects
 
-    def upload(self, path: Path, progress: Callable[[int], None] = lambda n: None) -> tuple[str, str]:
+    def upload(self, path: Path) -> tuple[str, str]:
         """Upload one checkpoint file under a temporary key, verify it as read back, give it its key.
 
         Returns (key, digest) of what was uploaded: the file as opened, whatever replaced the name since
@@ -155,28 +155,27 @@ class RemoteStore:
             size = os.fstat(src.fileno()).st_size
             digest = fileformat._read_footer(src, size)["digest"]
             src.seek(0)
-            return self._upload_open(src, size, digest, progress), digest
+            key = f"objects/{digest}.pt"
+            tmp = self._path(f"tmp/{digest}.{secrets.token_hex(4)}")
+            try:
+                self._put(src, tmp)
+                self.verify(tmp, size, digest)
+                self.fs.mv(tmp, self._path(key))
+                if _is_local(self.fs):
+                    storage.fsync_dir(Path(self._path(key)).parent)
+            except BaseException:
+                self._remove(tmp)
+                raise
+        return key, digest
 
-    def _upload_open(self, src: Any, size: int, digest: str, progress: Callable[[int], None]) -> str:
-        key = f"objects/{digest}.pt"
-        tmp = self._path(f"tmp/{digest}.{secrets.token_hex(4)}")
-        try:
-            local = _is_local(self.fs)
-            with open(tmp, "xb") if local else self.fs.open(tmp, "wb", block_size=_CHUNK * 8) as dst:
-                while chunk := src.read(_CHUNK):
-                    dst.write(chunk)
-                    progress(len(chunk))
-                if local:  # on a filesystem, durable before any manifest can list it
-                    dst.flush()
-                    storage.fsync(dst.fileno())
-            self.verify(tmp, size, digest)
-            self.fs.mv(tmp, self._path(key))
-            if local:
-                storage.fsync_dir(Path(self._path(key)).parent)
-        except BaseException:
-            self._remove(tmp)
-            raise
-        return key
+    def _put(self, src: Any, remote: str) -> None:
+        local = _is_local(self.fs)
+        with open(remote, "xb") if local else self.fs.open(remote, "wb", block_size=_CHUNK * 8) as dst:
+            while chunk := src.read(_CHUNK):
+                dst.write(chunk)
+            if local:  # on a filesystem, durable before any manifest can list it
+                dst.flush()
+                storage.fsync(dst.fileno())
 
     def verify(self, remote: str, size: int, digest: str) -> None:
         """Stream an object back and check its size and the digest in its footer; CorruptCheckpointError if not."""
@@ -273,7 +272,6 @@ class Mirror:
                  ) -> None:
         self.remote, self.directory = remote, directory
         self.on_sync = on_sync or (lambda record: None)
-        self.mirrored_step: int | None = None
         self.uploaded_bytes = 0
         self._cond = threading.Condition()
         self._requested = 0  # generation of the newest request
@@ -283,7 +281,7 @@ class Mirror:
         remote.clean_temporaries()
         self._entries = remote.manifest()
         latest = self._entries.get(layout.LATEST)
-        self.mirrored_step = latest.step if latest else None
+        self.mirrored_step: int | None = latest.step if latest else None
         self._thread = threading.Thread(target=self._run, name="checkpoint-mirror", daemon=True)
         self._thread.start()
 
@@ -377,9 +375,8 @@ class Mirror:
             self._commit(local, by_digest)
         self._commit(local, by_digest)
         self.uploaded_bytes += sent
-        latest = self._entries.get(layout.LATEST)
         self.on_sync({"mirrored_step": self.mirrored_step, "upload_s": time.perf_counter() - started,
-                      "upload_bytes": sent, "latest": latest.name if latest else None})
+                      "upload_bytes": sent})
 
     def _commit(self, local: dict[str, Any], by_digest: dict[str, str]) -> None:
         """Write the manifest of every local name whose object is up, then delete what it no longer lists."""

@@ -425,11 +425,6 @@ def replace_file(final: Path, data: bytes) -> None:
         fsync_dir(final.parent)
 
 
-def copy_durably(src: Path, dst: Path) -> None:
-    """Copy a file and fsync it (a mirror on a local or network filesystem)."""
-    _copy_durably(src, dst)
-
-
 def yield_cpu_to_training() -> None:
     """Lower the calling thread's CPU priority (the save writer, the mirror's uploader): training should win the cores."""
     try:
