@@ -144,12 +144,8 @@ def list_mirror(url: str | None, options: dict[str, Any], *, as_json: bool = Fal
     if not rows:
         console.print(f"no checkpoints on the mirror {mask(url)}")
     for family, title in _TITLES.items():
-        group = [r for r in rows if r["family"] == family.value]
-        if group:
-            terminal = console.width
-            table, console.width = _table(f"{title} on {mask(url)}", group, terminal)
-            console.print(table)
-            console.width = terminal
+        if group := [r for r in rows if r["family"] == family.value]:
+            _print_table(console, f"{title} on {mask(url)}", group)
     if bad:
         console.print(f"[red]{bad} damaged object(s)[/] on the mirror: a resume from it skips them and says so")
     return 1 if bad else 0
@@ -174,13 +170,8 @@ def list_checkpoints(directory: Path, *, as_json: bool = False, verify: bool = F
         console.print(f"no checkpoints in {data['directory']}")
         return 0
     for family, title in _TITLES.items():
-        rows = [r for r in data["checkpoints"] if r["family"] == family.value]
-        if rows:
-            terminal = console.width
-            table, console.width = _table(f"{title} ({human_bytes(data['storage_bytes'][family.value])})", rows,
-                                          terminal)
-            console.print(table)
-            console.width = terminal
+        if rows := [r for r in data["checkpoints"] if r["family"] == family.value]:
+            _print_table(console, f"{title} ({human_bytes(data['storage_bytes'][family.value])})", rows)
     parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in data["storage_bytes"].items() if v)
     console.print(f"storage: {parts}; total {human_bytes(data['total_bytes'])} "
                   f"(hard links counted once); free {human_bytes(data['free_bytes'])}", highlight=False)
@@ -225,6 +216,13 @@ def _table(title: str, rows: list[dict[str, Any]], width: int) -> tuple[Table, i
         status = f"[red]{r['status']}[/]" if r["status"].startswith("BAD") else f"[green]{r['status']}[/]"
         table.add_row(*(c[col] for col, _ in columns), status + (f" ({same})" if same else ""))
     return table, max(width, needed())
+
+
+def _print_table(console: Console, title: str, rows: list[dict[str, Any]]) -> None:
+    terminal = console.width
+    table, console.width = _table(title, rows, terminal)  # wider only if even the narrowest table needs it
+    console.print(table)
+    console.width = terminal
 
 
 def _note(row: dict[str, Any]) -> str:

@@ -129,15 +129,13 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **_adamw_kernels(device_type))
 
     @staticmethod
     def apply_optimizer_options(optimizer: torch.optim.Optimizer, weight_decay: float, *, device_type: str) -> None:
         """This run's weight decay and kernels, on an optimizer whose loaded param_groups carry another run's."""
-        fused = device_type == "cuda"
         for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0), strict=True):
-            group.update(weight_decay=decay, fused=fused, foreach=None if fused else True)
+            group.update(weight_decay=decay, **_adamw_kernels(device_type))
 
     @torch.no_grad()
     def generate(
@@ -151,3 +149,9 @@ class GPT(nn.Module):
             probs = F.softmax(logits[:, -1, :] / temperature, dim=-1)
             idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
         return idx
+
+
+def _adamw_kernels(device_type: str) -> dict[str, bool | None]:
+    """Fused into one kernel on CUDA (as nanoGPT), multi-tensor (foreach) elsewhere."""
+    fused = device_type == "cuda"
+    return {"fused": fused, "foreach": None if fused else True}

@@ -67,7 +67,10 @@ def load_sharded(raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer, p
 
 
 def load_full_weights(raw_model: torch.nn.Module, weights: dict[str, torch.Tensor], *, fsdp: bool) -> None:
-    """Full (unsharded) weights into the model, replicated or sharded (--init-from)."""
+    """Full (unsharded) weights into the model, replicated or sharded (a resume, --init-from).
+
+    Weights that do not fit the model raise CheckpointError with torch's first specific line.
+    """
     from .checkpoint import CheckpointError
 
     try:

@@ -209,12 +209,7 @@ class Trainer:
             assert path is not None
             parallel.load_sharded(self.raw_model, self.optimizer, path, state["optimizer"]["param_groups"])
         else:
-            try:
-                self.raw_model.load_state_dict(state["model"])
-            except RuntimeError as e:
-                lines = str(e).splitlines()
-                raise CheckpointError("the checkpoint's model does not fit this model shape: "
-                                      f"{lines[1].strip() if len(lines) > 1 else e}") from None
+            parallel.load_full_weights(self.raw_model, state["model"], fsdp=False)
             self.optimizer.load_state_dict(state["optimizer"])
         # The options of this run decide the hyperparameters: the saved param_groups carry the old ones.
         self.raw_model.apply_optimizer_options(self.optimizer, self.cfg.weight_decay, device_type=self.device_type)

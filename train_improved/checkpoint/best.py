@@ -16,6 +16,8 @@ import logging
 import math
 from typing import Any
 
+from .validation import as_number
+
 logger = logging.getLogger("train_improved.checkpoint")
 
 
@@ -44,10 +46,8 @@ class BestTracker:
         self.best = None
 
     def is_improvement(self, metrics: dict[str, Any] | None) -> bool:
-        value = (metrics or {}).get(self.metric)
-        if hasattr(value, "item"):
-            value = value.item()
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        value = as_number((metrics or {}).get(self.metric))
+        if value is None or not math.isfinite(value):
             return False
         best = self._pending or self.best
         if best is None:

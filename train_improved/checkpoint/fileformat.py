@@ -197,16 +197,26 @@ def verify_file(path: Path, expected_digest: str | None = None, *, shards: bool 
         raise CorruptCheckpointError(f"cannot be read back: {describe_os_error(e)}") from e
 
 
-def _verify(open_member: Callable[[str], BinaryIO], sharded: bool, expected_digest: str | None,
-            shards: bool) -> dict[str, Any]:
-    with _open_state(open_member, sharded) as f:
-        meta = _read_footer(f, os.fstat(f.fileno()).st_size)
-        # The digest was taken while torch.save wrote, when the zip comment length was still 0.
-        actual = _hash_open(f, meta["payload_bytes"] - 2, tail=b"\x00\x00")
+def verify_stream(f: BinaryIO, size: int, expected_digest: str | None = None) -> dict[str, Any]:
+    """Check one open checkpoint file of `size` bytes (a local file or a remote stream) against its footer.
+
+    Returns the footer; raises CorruptCheckpointError if the bytes do not match its digest (or
+    `expected_digest`).
+    """
+    meta = _read_footer(f, size)
+    # The digest was taken while torch.save wrote, when the zip comment length was still 0.
+    actual = _hash_open(f, meta["payload_bytes"] - 2, tail=b"\x00\x00")
     if actual != meta["digest"]:
         raise CorruptCheckpointError(f"checksum mismatch (stored {meta['digest'][:12]}…, actual {actual[:12]}…)")
     if expected_digest is not None and actual != expected_digest:
         raise CorruptCheckpointError("read-back digest differs from the digest computed while writing")
+    return meta
+
+
+def _verify(open_member: Callable[[str], BinaryIO], sharded: bool, expected_digest: str | None,
+            shards: bool) -> dict[str, Any]:
+    with _open_state(open_member, sharded) as f:
+        meta = verify_stream(f, os.fstat(f.fileno()).st_size, expected_digest)
     if sharded and shards:
         _verify_shards(open_member, meta)
     return meta

@@ -232,7 +232,9 @@ class CheckpointManager:
             raise CheckpointError("this checkpoint manager was opened read-only")
         started = time.perf_counter() - stall_before
         todo = [kinds] if isinstance(kinds, Kind) else list(dict.fromkeys(kinds))
-        metrics = self._check(state, step, epoch, todo, metrics, meta, args)
+        check_meta(meta)
+        footer_meta = dict(meta or {}, **({"args": args} if args is not None else {}))
+        metrics = self._check(state, step, epoch, todo, metrics, footer_meta)
         if todo:
             self._wait_inflight()  # at most one save in flight: staging buffers are reused
         if Kind.BEST in todo and not self.is_improvement(metrics):
@@ -250,8 +252,7 @@ class CheckpointManager:
         snapshot = self._stage(state) if self.options.async_save else state
         stall = time.perf_counter() - started
         self._inflight = self._writer().submit(commit.commit, self._context(), snapshot, step, epoch, todo, metrics,
-                                               dict(meta or {}, **({"args": args} if args is not None else {})),
-                                               stall, verify, shards)
+                                               footer_meta, stall, verify, shards)
         if not self.options.async_save:
             self._wait_inflight()
             for r in self._done:
@@ -259,18 +260,16 @@ class CheckpointManager:
         return True
 
     def _check(self, state: dict[str, Any], step: int, epoch: int | None, kinds: list[Kind],
-               metrics: dict[str, Any] | None, meta: dict[str, Any] | None, args: dict[str, Any] | None
-               ) -> dict[str, float]:
+               metrics: dict[str, Any] | None, footer_meta: dict[str, Any]) -> dict[str, float]:
         check_plain_data(state, self.options.safe_globals)
         clean = clean_metrics(metrics)
-        check_meta(meta)
         if Kind.EPOCH in kinds and epoch is None:
             raise ValueError("an EPOCH save needs epoch= (which epoch just ended)")
         if Kind.BEST in kinds and self.options.metric not in clean:
             raise ValueError(f"a BEST save needs metrics[{self.options.metric!r}] (options.metric); "
                              f"got {sorted(clean) or 'no metrics'}")
         probe = commit.footer(self._context(), Kind.EMERGENCY, layout.emergency_name(step, datetime.now()), step,
-                              epoch, clean, dict(meta or {}, **({"args": args} if args else {})), "", self._best.best)
+                              epoch, clean, footer_meta, "", self._best.best)
         fileformat.encode_footer(dict(probe, format_version=fileformat.FORMAT_VERSION, digest="0" * 32,
                                       algorithm=fileformat.DIGEST_ALGORITHM, payload_bytes=1 << 62))
         return clean

@@ -183,10 +183,10 @@ class RemoteStore:
         if actual != size:
             raise CorruptCheckpointError(f"{remote} holds {actual} bytes, {size} were uploaded")
         with self.fs.open(remote, "rb", block_size=_CHUNK) as f:
-            meta = fileformat._read_footer(f, size)
-            recomputed = fileformat._hash_open(f, meta["payload_bytes"] - 2, tail=b"\x00\x00")
-        if recomputed != meta["digest"] or meta["digest"] != digest:
-            raise CorruptCheckpointError(f"{remote}: checksum mismatch (the object differs from the checkpoint)")
+            try:
+                fileformat.verify_stream(f, size, expected_digest=digest)
+            except CorruptCheckpointError as e:
+                raise CorruptCheckpointError(f"{remote}: {e}") from None
 
     def verify_entry(self, entry: Entry) -> None:
         self.verify(self._path(entry.key), entry.bytes, entry.digest)

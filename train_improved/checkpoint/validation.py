@@ -72,19 +72,27 @@ def _how_to_fix(obj: Any) -> str:
     return "convert it to dicts, lists, numbers and tensors, or allow its type with safe_globals"
 
 
+def as_number(value: Any) -> float | None:
+    """A metric value as a float (0-d tensors and numpy scalars converted), or None if it is not a number."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 and not isinstance(value, (int, float)):
+        value = value.item()  # a 0-d tensor or a numpy scalar
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
 def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     """Metrics as plain floats: 0-d tensors and numpy scalars are converted; NaN, inf and others refused."""
     out = {}
     for key, value in (metrics or {}).items():
         if not isinstance(key, str):
             raise TypeError(f"metrics: the key {key!r} is not a string")
-        if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 and not isinstance(value, (int, float)):
-            value = value.item()  # a 0-d tensor or a numpy scalar
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = as_number(value)
+        if number is None:
             raise TypeError(f"metrics[{key!r}]: {_describe(value)} is not a number")
-        if not math.isfinite(value):
-            raise ValueError(f"metrics[{key!r}] is {value}: a checkpoint's metrics must be finite numbers")
-        out[key] = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"metrics[{key!r}] is {number}: a checkpoint's metrics must be finite numbers")
+        out[key] = number
     return out
 
 
