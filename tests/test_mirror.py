@@ -23,7 +23,7 @@ import torch
 from train_improved.checkpoint import read_footer
 from train_improved.checkpoint.mirror import RemoteStore
 
-from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, run_train, step_losses
+from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, run_train, step_losses, train_in_process
 
 moto_server = pytest.importorskip("moto.server")
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -180,6 +180,19 @@ def test_a_file_url_mirror_and_a_named_remote_checkpoint(tmp_path: Path) -> None
     new = fresh(tmp_path, "new_machine")
     out = run_train(*ARGS, "--max-steps", str(STEPS + 4), "--resume", f"{url}/rolling_step_000036.pt", cwd=new)
     assert out.returncode == 0 and "at step 36" in out.stderr, out.stderr
+
+
+def test_an_empty_mirror_starts_auto_fresh_and_refuses_latest_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    url = f"file://{tmp_path / 'nfs' / 'empty'}"
+    (tmp_path / "nfs" / "empty").mkdir(parents=True)
+    d = fresh(tmp_path, "run")
+    code, err = train_in_process(*ARGS, "--max-steps", "2", "--resume", "latest", "--mirror", url, cwd=d,
+                                 monkeypatch=monkeypatch)
+    assert code == 1 and "holds no checkpoint" in err and "Traceback" not in err, err
+    code, err = train_in_process(*ARGS, "--max-steps", "2", "--resume", "auto", "--mirror", url, cwd=d,
+                                 monkeypatch=monkeypatch)
+    assert code == 0, err
+    assert torch.load(d / "checkpoints" / "latest.pt", weights_only=True)["step"] == 2  # a fresh run, from step 0
 
 
 @pytest.mark.faults

@@ -22,6 +22,7 @@ import sys
 import sysconfig
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -192,8 +193,12 @@ class TokenWindows:
             x, y = x.pin_memory(), y.pin_memory()
         return x, y
 
+    @cached_property
     def fingerprint(self) -> str:
-        """Identifies the data (sizes and the first bytes of every shard), to detect a change on resume."""
+        """Identifies the data (sizes and the first bytes of every shard), to detect a change on resume.
+
+        Computed once: every save records it, and the shards do not change under a run.
+        """
         h = hashlib.sha256(str([len(s) for s in self.shards]).encode())
         for s in self.shards:
             h.update(np.ascontiguousarray(s[:4096]).tobytes())
@@ -251,7 +256,7 @@ class ShuffledSampler:
         phase, order = self._epoch_order()
         shard, pos = self.windows.position(int(order[self.index]), phase) if self.index < len(order) else (0, 0)
         return {"epoch": self.epoch, "index": self.index, "curr_shard": shard, "curr_pos": pos,
-                "fingerprint": self.windows.fingerprint()}
+                "fingerprint": self.windows.fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         epoch, index = int(state["epoch"]), int(state["index"])

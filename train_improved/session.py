@@ -214,8 +214,8 @@ def _restore_across_tiers(manager: CheckpointManager, which: str, remote: Remote
             "no valid checkpoint in the local store", mask(remote.url))
     try:
         return manager.restore(remote.fetch(which, manager.directory))
-    except CheckpointError as e:
-        if fresh_ok and "holds no" in str(e):
+    except NoCheckpointError:
+        if fresh_ok:
             return None, None
         raise
 

@@ -217,7 +217,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         data = state["dataloader_state"]
         self.sampler.load_state_dict({"epoch": data["train_epoch"], "index": data["train_index"]})
-        if data.get("train_fingerprint") != self.sampler.windows.fingerprint():
+        if data.get("train_fingerprint") != self.sampler.windows.fingerprint:
             self.sampler.restart()
             logger.warning("the training data differs from the checkpoint's: continuing from step %d on this data "
                            "from the start of a new epoch (%d); weights, optimizer and step are kept",

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from . import fileformat, layout, storage
 from .fileformat import CheckpointError, CorruptCheckpointError
-from .records import scan
+from .records import NoCheckpointError, scan
 
 logger = logging.getLogger("train_improved.checkpoint")
 MANIFEST = "manifest.json"
@@ -215,11 +215,12 @@ class RemoteStore:
         """Download the checkpoint `which` ("latest", "best" or a name) into `directory`, verified.
 
         Tries the manifest's candidates in the order of the local fallback chain, saying why it
-        skips each one; raises CheckpointError if none verifies. Returns the local path.
+        skips each one. Raises NoCheckpointError if the mirror holds no such checkpoint, CheckpointError
+        if none of its candidates verifies. Returns the local path.
         """
         entries = self.manifest()
         if not entries:
-            raise CheckpointError(f"the mirror {mask(self.url)} holds no checkpoint")
+            raise NoCheckpointError(f"the mirror {mask(self.url)} holds no checkpoint")
         if which == "latest":  # latest.pt (the local store's own choice, on its line of training), then newest
             order = sorted(entries.values(), key=lambda e: (e.name == layout.LATEST, e.step or -1), reverse=True)
         elif which == "best":
@@ -227,7 +228,7 @@ class RemoteStore:
         else:
             order = [entries[which]] if which in entries else []
         if not order:
-            raise CheckpointError(f"the mirror {mask(self.url)} holds no {which}")
+            raise NoCheckpointError(f"the mirror {mask(self.url)} holds no {which}")
         failures = []
         for entry in order:
             # latest.pt is another name's object: it is placed under that name (resume finds it there).
