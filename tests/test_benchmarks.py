@@ -19,7 +19,7 @@ CASES = {
     "gpu_staging --device cpu": ["--sizes", "4", "--device", "cpu"],  # every step of the GPU check, on CPU
     "listing": ["--count", "3", "--large-mb", "1"],
     "quality": ["--steps", "6", "--eval-interval", "3", "--tiny"],
-    "mirror_io": ["--n-embd", "32", "--steps", "6", "--every", "3"],
+    "mirror_io": ["--n-embd", "32", "--steps", "6", "--every", "3", "--large-mb", "8"],
     "fsdp_stall": ["--n-layer", "1", "--n-embd", "32", "--steps", "4", "--every", "2"],  # 2 torchrun jobs
 }
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from train_improved.checkpoint import read_footer
-from train_improved.checkpoint.mirror import RemoteStore
+from train_improved.checkpoint.remote import RemoteStore
 
 from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, run_train, step_losses, train_in_process
 
@@ -130,6 +130,12 @@ def test_each_checkpoint_is_uploaded_once_and_the_mirror_follows_retention(s3: S
     listing = run_train("--list-checkpoints", "--json", env={**CREDENTIALS, "CHECKPOINT_MIRROR_OPTIONS": s3.options()},
                         cwd=d)
     assert {r["mirror"] for r in json.loads(listing.stdout)["checkpoints"]} == {"mirrored"}
+    gone = sorted((d / "checkpoints").glob("rolling_step_*.pt"))[0]
+    gone.unlink()  # the local disk lost it; the mirror still holds it
+    listing = run_train("--list-checkpoints", "--json", env={**CREDENTIALS, "CHECKPOINT_MIRROR_OPTIONS": s3.options()},
+                        cwd=d)
+    rows = {r["name"]: r["mirror"] for r in json.loads(listing.stdout)["checkpoints"]}
+    assert rows[gone.name] == "remote only" and set(rows.values()) == {"mirrored", "remote only"}
 
 
 def test_a_damaged_remote_object_is_named_by_verify_and_skipped_on_resume(s3: S3, tmp_path: Path) -> None:
@@ -337,3 +343,163 @@ def test_an_emergency_save_waits_for_its_upload_within_the_budget(tmp_path: Path
         assert results[0].name not in remote.manifest()  # returned within the budget, before the 1 s upload
         assert "did not reach the mirror within the budget" in caplog.text
         m.close(mirror_wait=60)
+
+
+# ---------------------------------------------------------------------- S3: one read, the server's MD5s
+
+
+def big_store(tmp_path: Path, mib: int = 12) -> Path:
+    """A local store with one checkpoint of `mib` MiB: several parts at a 5 MiB part size."""
+    from train_improved.checkpoint import CheckpointManager, CheckpointOptions
+
+    d = tmp_path / "ck"
+    with CheckpointManager(d, CheckpointOptions(save_every=1)) as m:
+        m.save({"w": torch.randn(mib << 18, generator=torch.Generator().manual_seed(0)), "step": 1}, step=1)
+    return d
+
+
+@pytest.mark.parametrize("part_mib", [64, 5], ids=["one PUT", "multipart"])
+def test_s3_uploads_in_one_read_checked_by_the_servers_md5(s3: S3, tmp_path: Path, monkeypatch, part_mib: int
+                                                           ) -> None:
+    from train_improved.checkpoint import s3_upload
+
+    monkeypatch.setattr(s3_upload, "SINGLE_PUT_BYTES", part_mib << 20)
+    monkeypatch.setattr(s3_upload, "PART_BYTES", part_mib << 20)
+    d = big_store(tmp_path)
+    remote = s3.store(f"s3://bucket/onepass{part_mib}")
+    reads = []
+    real_open = open
+
+    def counting_open(path, *args, **kwargs):  # noqa: ANN001, ANN202 - how often the checkpoint is read
+        if str(path).endswith("rolling_step_000001.pt"):
+            reads.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    refs = remote.upload(d / "rolling_step_000001.pt")
+    monkeypatch.setattr("builtins.open", real_open)
+    assert len(reads) == 1 and remote.server_md5  # one read; no fallback was needed
+    ((digest, ref),) = refs.items()
+    assert ref.key == f"objects/{digest}.pt" and not remote.fs.exists(f"bucket/onepass{part_mib}/tmp")
+    etag = remote.fs.info(f"bucket/onepass{part_mib}/{ref.key}")["ETag"]
+    assert etag.strip('"').endswith("-3") == (part_mib == 5)  # 12 MiB in 5 MiB parts: 3 of them
+    remote.verify(f"bucket/onepass{part_mib}/{ref.key}", ref.bytes, digest)
+
+
+@pytest.mark.parametrize("part_mib", [64, 5], ids=["one PUT", "multipart"])
+def test_bytes_damaged_on_the_way_are_caught_by_the_etag_and_sent_again_verified(s3: S3, tmp_path: Path,
+                                                                                 monkeypatch, caplog,
+                                                                                 part_mib: int) -> None:
+    import logging
+
+    from train_improved.checkpoint import s3_upload
+
+    monkeypatch.setattr(s3_upload, "SINGLE_PUT_BYTES", part_mib << 20)
+    monkeypatch.setattr(s3_upload, "PART_BYTES", part_mib << 20)
+    d = big_store(tmp_path)
+    remote = s3.store(f"s3://bucket/transit{part_mib}")
+    real_call, damaged = remote.fs.call_s3, []
+
+    def flip_a_byte(method, *args, **kwargs):  # noqa: ANN001, ANN002, ANN202 - the network damages one request
+        if not damaged and (method == "put_object" or (method == "upload_part" and kwargs["PartNumber"] == 2)):
+            damaged.append(method)
+            body = bytearray(kwargs["Body"])
+            body[1000] ^= 0xFF
+            kwargs["Body"] = bytes(body)
+        return real_call(method, *args, **kwargs)
+
+    monkeypatch.setattr(remote.fs, "call_s3", flip_a_byte)
+    with caplog.at_level(logging.WARNING):
+        ((digest, ref),) = remote.upload(d / "rolling_step_000001.pt").items()
+    assert "is not the MD5 of the bytes sent" in caplog.text and not remote.server_md5
+    remote.verify(f"bucket/transit{part_mib}/{ref.key}", ref.bytes, digest)  # what is under the key is the checkpoint
+    uploads = remote.fs.call_s3("list_multipart_uploads", Bucket="bucket", Prefix=f"transit{part_mib}/")
+    assert not uploads.get("Uploads")  # the damaged upload was aborted
+
+
+@pytest.mark.parametrize("part_mib", [64, 5], ids=["one PUT", "multipart"])
+def test_a_local_file_damaged_on_disk_never_becomes_an_object(s3: S3, tmp_path: Path, monkeypatch,
+                                                              part_mib: int) -> None:
+    from train_improved.checkpoint import CorruptCheckpointError, s3_upload
+
+    monkeypatch.setattr(s3_upload, "SINGLE_PUT_BYTES", part_mib << 20)
+    monkeypatch.setattr(s3_upload, "PART_BYTES", part_mib << 20)
+    d = big_store(tmp_path)
+    path = d / "rolling_step_000001.pt"
+    with open(path, "r+b") as f:  # bit rot inside the tensor bytes: the footer still reads
+        f.seek(8 << 20)
+        byte = f.read(1)
+        f.seek(8 << 20)
+        f.write(bytes([byte[0] ^ 1]))
+    remote = s3.store(f"s3://bucket/rot{part_mib}")
+    with pytest.raises(CorruptCheckpointError, match="damaged on the local disk"):
+        remote.upload(path)
+    assert not remote.fs.exists(f"bucket/rot{part_mib}/objects")
+    assert not remote.fs.call_s3("list_multipart_uploads", Bucket="bucket", Prefix=f"rot{part_mib}/").get("Uploads")
+
+
+def test_what_a_kill_left_unlisted_is_removed_at_the_next_start(s3: S3, tmp_path: Path) -> None:
+    from train_improved.checkpoint.mirror import Mirror
+
+    d = saved_store(tmp_path)
+    remote = s3.store("s3://bucket/leftovers")
+    assert Mirror(remote, d).close(wait=60)
+    listed = {e.key for e in remote.manifest().values()}
+    # What kill -9 leaves: a complete object not yet listed, a temporary, an incomplete multipart upload.
+    remote.fs.pipe_file("bucket/leftovers/objects/" + "f" * 32 + ".pt", b"unlisted")
+    remote.fs.pipe_file("bucket/leftovers/tmp/upload.1234", b"partial")
+    remote.fs.call_s3("create_multipart_upload", Bucket="bucket", Key="leftovers/objects/" + "e" * 32 + ".pt")
+    Mirror(remote, d).close(wait=60)
+    assert {f"objects/{p.rsplit('/', 1)[-1]}" for p in remote.fs.ls("bucket/leftovers/objects", refresh=True)} == listed
+    assert not remote.fs.exists("bucket/leftovers/tmp/upload.1234")
+    assert not remote.fs.call_s3("list_multipart_uploads", Bucket="bucket", Prefix="leftovers/").get("Uploads")
+
+
+# ---------------------------------------------------------------------- sharded (--fsdp) checkpoints
+
+
+def test_sharded_checkpoints_are_mirrored_file_by_file_and_come_back_whole(s3: S3, tmp_path: Path) -> None:
+    from train_improved.checkpoint import CheckpointManager, CheckpointOptions, Kind, load_checkpoint
+    from train_improved.checkpoint.mirror import Mirror
+    from train_improved.checkpoint.sharded import read_shards, write_shards
+
+    def tensors(step: int) -> dict:
+        g = torch.Generator().manual_seed(step)
+        return {"model": {"w": torch.randn(64, 64, generator=g)}, "optimizer_state": {"m": torch.randn(64, generator=g)}}
+
+    d = tmp_path / "ck"
+    with CheckpointManager(d, CheckpointOptions(keep_rolling=2)) as m:
+        for step in (1, 2, 3):
+            shards = write_shards(m.staging_directory(), tensors(step))
+            m.save({"step": step, "sharded": True}, step=step, kinds=[Kind.ROLLING], shards=shards)
+        m.wait_until_finished()
+    remote = s3.store("s3://bucket/sharded")
+    mirror = Mirror(remote, d)
+    assert mirror.close(wait=60)
+    manifest = remote.manifest()
+    assert set(manifest) == {p.name for p in d.glob("*.pt")}
+    for entry in manifest.values():
+        assert entry.files and {".metadata"} <= set(entry.files)
+        remote.verify_entry(entry)
+    distinct = {}  # digest -> bytes of every file of every checkpoint (backups are copies: same digests)
+    for p in d.glob("*.pt"):
+        footer = read_footer(p)
+        distinct[footer["digest"]] = (p / "state.pt").stat().st_size
+        distinct.update({f["digest"]: f["bytes"] for f in footer["shards"].values()})
+    assert mirror.uploaded_bytes == sum(distinct.values())  # each distinct file once
+    # A damaged shard object is named, and the fetch falls back to the previous checkpoint.
+    newest = manifest["latest.pt"]
+    shard = next(f for name, f in newest.files.items() if name != ".metadata")
+    data = bytearray(remote.fs.cat_file(f"bucket/sharded/{shard['key']}"))
+    data[len(data) // 2] ^= 0xFF
+    remote.fs.pipe_file(f"bucket/sharded/{shard['key']}", bytes(data))
+    with pytest.raises(Exception, match="checksum mismatch"):
+        remote.verify_entry(newest)
+    new = tmp_path / "new_machine"
+    path = remote.fetch("latest", new)
+    assert path.is_dir() and path.name == "rolling_step_000002.pt"
+    state, _ = load_checkpoint(path)
+    assert state["step"] == 2
+    restored = {g: {k: torch.zeros_like(v) for k, v in t.items()} for g, t in tensors(0).items()}
+    read_shards(path, restored)
+    assert all(torch.equal(restored[g][k], v) for g, t in tensors(2).items() for k, v in t.items())

@@ -80,7 +80,7 @@ class TrainConfig:
 
     def stored_args(self) -> dict[str, Any]:
         """The options as a checkpoint keeps them: no secrets (the mirror's options are left out, its URL masked)."""
-        from .checkpoint.mirror import mask
+        from .checkpoint.remote import mask
 
         args = self.to_dict()
         args.pop("mirror_options")

@@ -23,8 +23,8 @@ from .checkpoint import CheckpointError, CheckpointManager, Family, load_checkpo
 from .checkpoint.fallback import current_line
 from .checkpoint.layout import BACKUP_NAMES, HISTORY, LATEST, parse_name
 from .checkpoint.lineage import Line
-from .checkpoint.mirror import RemoteStore, mask
 from .checkpoint.records import CheckpointInfo, human_bytes
+from .checkpoint.remote import Entry, RemoteStore, mask
 
 _TITLES = {Family.LATEST: "Latest", Family.BEST: "Best", Family.ROLLING: "Rolling",
            Family.EMERGENCY: "Emergency", Family.EPOCH: "Epoch"}
@@ -90,11 +90,13 @@ def collect(directory: Path, verify: bool = False) -> dict[str, Any]:
     line = current_line(infos)
     latest = next((i for i in infos if i.name == LATEST), None)
     rows = [_row(i, times, failures, verify, line, latest) for i in infos]
-    mirrored = _mirrored_digests(latest)
-    for row, info in zip(rows, infos, strict=True):
-        if mirrored is not None:
-            row["mirror"] = "mirrored" if info.meta.get("digest") in mirrored else \
-                "local only" if info.path.is_dir() else "pending"
+    manifest = _run_mirror_manifest(latest)
+    if manifest is not None:
+        listed = {e.digest for e in manifest.values()}
+        for row, info in zip(rows, infos, strict=True):
+            row["mirror"] = "mirrored" if info.meta.get("digest") in listed else "pending"
+        local = {i.name for i in infos}
+        rows += [dict(_remote_row(e, "ok"), mirror="remote only") for e in manifest.values() if e.name not in local]
     usage = manager.usage_by_family()
     return {
         "directory": str(directory.resolve()),
@@ -105,17 +107,26 @@ def collect(directory: Path, verify: bool = False) -> dict[str, Any]:
     }
 
 
-def _mirrored_digests(latest: CheckpointInfo | None) -> set[str] | None:
-    """Digests the run's mirror (from latest.pt's options) lists; None without a mirror, {} if unreachable."""
+def _run_mirror_manifest(latest: CheckpointInfo | None) -> dict[str, Entry] | None:
+    """The manifest of the run's mirror (from latest.pt's options); None without a mirror, {} if unreachable."""
     url = ((latest.meta.get("args") or {}).get("mirror") if latest is not None and latest.ok else None) or \
         os.environ.get("CHECKPOINT_MIRROR")
     if not url:
         return None
     try:
         options = json.loads(os.environ.get("CHECKPOINT_MIRROR_OPTIONS") or "{}")
-        return {e.digest for e in RemoteStore.open(url, options, check_writable=False).manifest().values()}
+        return RemoteStore.open(url, options, check_writable=False).manifest()
     except (CheckpointError, ValueError):
-        return set()
+        return {}
+
+
+def _remote_row(entry: Entry, status: str) -> dict[str, Any]:
+    """A row for one manifest entry: what the manifest knows (no metrics: they live in the footer)."""
+    parsed = parse_name(entry.name)
+    return {"name": entry.name, "family": parsed.family.value if parsed else "latest", "kind": entry.kind,
+            "step": entry.step, "epoch": None, "val_loss": None, "val_loss_step": None, "bytes": entry.total_bytes,
+            "saved_at": entry.saved_at, "write_s": None, "backup": entry.name in BACKUP_NAMES,
+            "notes": [], "status": status, "object": entry.key}
 
 
 def list_mirror(url: str | None, options: dict[str, Any], *, as_json: bool = False, verify: bool = False) -> int:
@@ -131,11 +142,7 @@ def list_mirror(url: str | None, options: dict[str, Any], *, as_json: bool = Fal
                 status = "verified"
             except (CheckpointError, OSError) as e:
                 status = f"BAD: {e}"
-        parsed = parse_name(entry.name)
-        rows.append({"name": entry.name, "family": parsed.family.value if parsed else "latest", "kind": entry.kind,
-                     "step": entry.step, "epoch": None, "val_loss": None, "val_loss_step": None, "bytes": entry.bytes,
-                     "saved_at": entry.saved_at, "write_s": None, "backup": entry.name in BACKUP_NAMES,
-                     "notes": [], "status": status, "object": entry.key})
+        rows.append(_remote_row(entry, status))
     bad = sum(r["status"].startswith("BAD") for r in rows)
     if as_json:
         print(json.dumps({"mirror": mask(url), "checkpoints": rows}, indent=2))

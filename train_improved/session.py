@@ -22,8 +22,8 @@ from . import config, distributed, parallel
 from .checkpoint import CheckpointError, CheckpointManager, CheckpointOptions, NoCheckpointError, read_footer
 from .checkpoint.fileformat import load_checkpoint
 from .checkpoint.layout import is_explicit_path
-from .checkpoint.mirror import RemoteStore, mask
 from .checkpoint.records import describe
+from .checkpoint.remote import RemoteStore, mask
 from .config import ConfigError, DataError, TrainConfig
 from .overrides import MODEL_SHAPE
 from .progress import err_console

@@ -185,6 +185,35 @@ def _hash_open(f: BinaryIO, length: int, tail: bytes = b"") -> str:
     return hasher.hexdigest()
 
 
+class StreamDigest:
+    """A file's digest taken from its bytes as they stream past once (an upload), as verify_file takes it.
+
+    Feed every byte of the file, in order, to update(). `of_checkpoint(footer)` for a checkpoint file
+    (the footer's convention), `StreamDigest(size)` for a whole file (a shard).
+    """
+
+    def __init__(self, length: int, tail: bytes = b"") -> None:
+        self._hasher, self._left, self._tail = xxhash.xxh3_128(), length, tail
+
+    @classmethod
+    def of_checkpoint(cls, meta: dict[str, Any]) -> StreamDigest:
+        # The digest was taken while torch.save wrote, when the zip comment length was still 0.
+        return cls(meta["payload_bytes"] - 2, b"\x00\x00")
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        if self._left > 0:
+            view = memoryview(chunk)[:self._left]
+            self._hasher.update(view)
+            self._left -= len(view)
+
+    def hexdigest(self) -> str:
+        if self._left:
+            raise CorruptCheckpointError("file is shorter than its footer says (truncated?)")
+        hasher = self._hasher.copy()
+        hasher.update(self._tail)
+        return hasher.hexdigest()
+
+
 def verify_file(path: Path, expected_digest: str | None = None, *, shards: bool = True) -> dict[str, Any]:
     """Read the whole checkpoint back and check its digests; return its footer.
 
