@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,7 +94,8 @@ def test_two_ranks_log_once_and_write_the_single_process_layout(reference: Path)
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_sigterm_to_torchrun_then_resume_is_exact(mode: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    extra = FSDP if mode == "fsdp" else []
+    # The sharded run also loses its machine: it resumes from its (file://) mirror alone.
+    extra = [*FSDP, "--mirror", f"file://{tmp_path / 'bucket'}"] if mode == "fsdp" else []
     reference = request.getfixturevalue("fsdp_reference" if mode == "fsdp" else "reference")
     (tmp_path / "corpus.txt").write_bytes((reference / "corpus.txt").read_bytes())
     err = stop_with_sigterm(tmp_path, *ARGS, *extra)
@@ -101,8 +103,14 @@ def test_sigterm_to_torchrun_then_resume_is_exact(mode: str, request: pytest.Fix
     assert len(emergency) == 1, err[-3000:]
     stopped = read_footer(tmp_path / "checkpoints" / "latest.pt")
     assert stopped["kind"] == "emergency" and stopped["step"] < STEPS
+    if mode == "fsdp":
+        manifest = json.loads((tmp_path / "bucket" / "manifest.json").read_text())["entries"]
+        assert manifest["latest.pt"]["step"] == stopped["step"] and "__1_0.distcp" in manifest["latest.pt"]["files"]
+        shutil.rmtree(tmp_path / "checkpoints")
 
-    run(tmp_path, *ARGS, *extra, "--resume", "latest")
+    out = run(tmp_path, *ARGS, *extra, "--resume", "latest")
+    if mode == "fsdp":
+        assert "downloaded emergency_step_" in " ".join(out.stderr.split()), out.stderr[-3000:]
     metrics = tmp_path / "runs" / "metrics.jsonl"
     assert step_losses(metrics) == step_losses(reference / "runs" / "metrics.jsonl")
     ours, theirs = final_weights(tmp_path), final_weights(reference)
@@ -128,7 +136,6 @@ def test_fsdp_checkpoints_are_directories_under_the_same_names(fsdp_reference: P
 
 
 def test_resuming_a_sharded_run_without_fsdp_is_refused(fsdp_reference: Path, tmp_path: Path) -> None:
-    import shutil
 
     shutil.copytree(fsdp_reference, tmp_path / "r")
     proc = subprocess.run(torchrun(*ARGS, "--no-fsdp", "--resume", "latest", "--max-steps", "40"), cwd=tmp_path / "r",
