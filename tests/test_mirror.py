@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -107,6 +108,7 @@ def test_the_bucket_alone_resumes_a_run_bitwise_exactly(s3: S3, tmp_path: Path) 
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stderr.split())
     assert "the local store holds no checkpoint: trying the mirror" in text and f"at step {stopped}" in text
+    assert re.search(rf"step {STEPS}/{STEPS} .* mirror \d+ steps behind", text)  # the lag on the progress line
     ours, theirs = step_losses(new / "runs" / "metrics.jsonl"), step_losses(reference / "runs" / "metrics.jsonl")
     assert ours == {s: v for s, v in theirs.items() if s > stopped}
     assert all(torch.equal(final_model(new)[k], v) for k, v in final_model(reference).items())

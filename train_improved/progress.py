@@ -49,23 +49,26 @@ class RichProgress:
         if self.console.is_terminal:
             self._bar = Progress(
                 TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"
+                           "{task.fields[mirror]}"),
                 TimeRemainingColumn(), console=self.console,
             )
             self._task = self._bar.add_task("train", total=total, completed=completed, loss=float("nan"),
-                                            lr=0.0, tps=0.0)
+                                            lr=0.0, tps=0.0, mirror="")
             self._bar.start()
 
     def update(self, step: int, **fields: float) -> None:
+        """loss, lr, tokens_per_s; and mirror_lag (steps the mirror is behind) when the run has a mirror."""
+        mirror = f"  mirror {fields['mirror_lag']} steps behind" if "mirror_lag" in fields else ""
         if self._bar is not None:
             self._bar.update(self._task, completed=step, loss=fields["loss"], lr=fields["lr"],
-                             tps=fields["tokens_per_s"])
+                             tps=fields["tokens_per_s"], mirror=mirror)
             return
         now = time.monotonic()
         if now >= self._next_line or step == self._total:
             self.console.print(f"{datetime.now():%Y-%m-%d %H:%M:%S} step {step}/{self._total}  "
                                f"loss {fields['loss']:.4f}  lr {fields['lr']:.2e}  "
-                               f"{fields['tokens_per_s']:,.0f} tok/s  ETA {self._eta(now, step)}",
+                               f"{fields['tokens_per_s']:,.0f} tok/s{mirror}  ETA {self._eta(now, step)}",
                                highlight=False, soft_wrap=True)
             self._next_line = now + self.log_interval
 

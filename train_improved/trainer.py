@@ -334,7 +334,9 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 metrics.log("step", step=self.step, epoch=self.epoch, loss=loss, lr=lr,
                             tokens_per_s=tokens_per_step / dt)
-                self.progress.update(self.step, loss=loss, lr=lr, tokens_per_s=tokens_per_step / dt)
+                mirror = manager.mirror if manager is not None else None
+                self.progress.update(self.step, loss=loss, lr=lr, tokens_per_s=tokens_per_step / dt,
+                                     **({"mirror_lag": mirror.lag(self.step)} if mirror is not None else {}))
                 saves.after_step(stop)
             signum = saves.agreed_signal(stop)
             if signum is not None:
