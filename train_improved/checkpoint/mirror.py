@@ -48,6 +48,7 @@ class Mirror:
         self._done = 0  # generation the last finished sync started from
         self._closing = False
         self._failing = False
+        remote.yield_cpu_to_training()
         self._entries = remote.manifest()
         remote.remove_unlisted({ref.key for e in self._entries.values() for ref in e.objects().values()})
         latest = self._entries.get(layout.LATEST)

@@ -141,6 +141,16 @@ class RemoteStore:
                               f"{one_line(e)}") from None
         return store
 
+    def yield_cpu_to_training(self) -> None:
+        """Lower the CPU priority of the thread that does this store's network I/O (an async
+        filesystem's event loop: s3fs, gcsfs), as the uploader's own: training should win the cores.
+
+        That loop is fsspec's one I/O thread, shared by every async fsspec filesystem of the process.
+        """
+        loop = getattr(self.fs, "loop", None)
+        if loop is not None:
+            loop.call_soon_threadsafe(storage.yield_cpu_to_training)
+
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}"
 
