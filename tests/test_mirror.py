@@ -138,6 +138,9 @@ def test_each_checkpoint_is_uploaded_once_and_the_mirror_follows_retention(s3: S
                         cwd=d)
     rows = {r["name"]: r["mirror"] for r in json.loads(listing.stdout)["checkpoints"]}
     assert rows[gone.name] == "remote only" and set(rows.values()) == {"mirrored", "remote only"}
+    dead = json.dumps({"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}})
+    listing = run_train("--list-checkpoints", "--json", env={**CREDENTIALS, "CHECKPOINT_MIRROR_OPTIONS": dead}, cwd=d)
+    assert {r["mirror"] for r in json.loads(listing.stdout)["checkpoints"]} == {"unreachable"}  # not "pending"
 
 
 def test_a_damaged_remote_object_is_named_by_verify_and_skipped_on_resume(s3: S3, tmp_path: Path) -> None:

@@ -94,7 +94,8 @@ def collect(directory: Path, verify: bool = False) -> dict[str, Any]:
     if manifest is not None:
         listed = {e.digest for e in manifest.values()}
         for row, info in zip(rows, infos, strict=True):
-            row["mirror"] = "mirrored" if info.meta.get("digest") in listed else "pending"
+            row["mirror"] = "unreachable" if manifest is _UNREACHABLE else \
+                "mirrored" if info.meta.get("digest") in listed else "pending"
         local = {i.name for i in infos}
         rows += [dict(_remote_row(e, "ok"), mirror="remote only") for e in manifest.values() if e.name not in local]
     usage = manager.usage_by_family()
@@ -107,8 +108,11 @@ def collect(directory: Path, verify: bool = False) -> dict[str, Any]:
     }
 
 
+_UNREACHABLE: dict[str, Entry] = {}  # a mirror that cannot be read now: no row can say mirrored or pending
+
+
 def _run_mirror_manifest(latest: CheckpointInfo | None) -> dict[str, Entry] | None:
-    """The manifest of the run's mirror (from latest.pt's options); None without a mirror, {} if unreachable."""
+    """The manifest of the run's mirror (from latest.pt's options); None without one, _UNREACHABLE."""
     url = ((latest.meta.get("args") or {}).get("mirror") if latest is not None and latest.ok else None) or \
         os.environ.get("CHECKPOINT_MIRROR")
     if not url:
@@ -116,8 +120,8 @@ def _run_mirror_manifest(latest: CheckpointInfo | None) -> dict[str, Entry] | No
     try:
         options = json.loads(os.environ.get("CHECKPOINT_MIRROR_OPTIONS") or "{}")
         return RemoteStore.open(url, options, check_writable=False).manifest()
-    except (CheckpointError, ValueError):
-        return {}
+    except (CheckpointError, ValueError, OSError):
+        return _UNREACHABLE
 
 
 def _remote_row(entry: Entry, status: str) -> dict[str, Any]:
