@@ -137,7 +137,7 @@ class Mirror:
             source = next((i.path for i in local.values() if i.meta["digest"] == info.meta["digest"]
                            and i.name not in (layout.LATEST, layout.LATEST_BACKUP)), info.path)
             try:
-                uploaded = self.remote.upload(source)
+                uploaded = self.remote.upload(source, already_up=up.keys())
             except FileNotFoundError:
                 continue  # pruned locally meanwhile: it will not be listed
             except fileformat.CorruptCheckpointError as e:

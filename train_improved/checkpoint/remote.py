@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,12 +174,13 @@ class RemoteStore:
 
     # ------------------------------------------------------------------ uploading
 
-    def upload(self, path: Path) -> dict[str, ObjectRef]:
+    def upload(self, path: Path, already_up: Collection[str] = ()) -> dict[str, ObjectRef]:
         """Upload the checkpoint at `path` (a file, or a sharded directory), every object verified.
 
         Returns digest -> object for what was uploaded: the checkpoint as opened, whatever replaced
         the name since it was listed (a save moving latest.pt), so every object matches its key.
-        Nothing is listed yet: write_manifest() does that.
+        Files of a sharded checkpoint whose digest is in `already_up` are not sent again. Nothing
+        is listed yet: write_manifest() does that.
         """
         if not path.is_dir():
             with open(path, "rb") as src:
@@ -189,6 +190,8 @@ class RemoteStore:
                 digest, ref, meta = self._upload_checkpoint_file(src)
             uploaded = {digest: ref}
             for name, expected in sorted(meta.get("shards", {}).items()):
+                if expected["digest"] in already_up:
+                    continue
                 with open_member(name) as src:
                     size = os.fstat(src.fileno()).st_size
                     key = f"objects/{expected['digest']}.shard"
