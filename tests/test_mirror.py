@@ -334,9 +334,9 @@ def test_an_emergency_save_waits_for_its_upload_within_the_budget(tmp_path: Path
     remote = RemoteStore.open(f"file://{tmp_path / 'mirror'}")
     real_upload = remote.upload
 
-    def slow_upload(path: Path, *a):
+    def slow_upload(path: Path, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         time.sleep(1.0)  # a big file on a slow link
-        return real_upload(path, *a)
+        return real_upload(path, *args, **kwargs)
 
     monkeypatch.setattr(remote, "upload", slow_upload)
     with CheckpointManager(tmp_path / "ck") as m:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("train_improved")
 EXIT_NOT_DURABLE = 3  # training ended, but its final state could not be committed (disk full, I/O errors)
+MIRROR_CATCH_UP_S = 300.0  # at the normal end, how long the run waits for its mirror
 
 
 class SavePoints:
@@ -187,6 +188,13 @@ class SavePoints:
                              "above); the last durable checkpoint is %s. Resume with: %s", t.step, last,
                              resume_hint(self.cfg, t.dist))
             return EXIT_NOT_DURABLE
+        if t.manager is not None and t.manager.mirror is not None:
+            # Before the run reports done, so the last syncs land in the metrics too.
+            logger.info("waiting for the mirror to catch up (up to %s)", format_duration(MIRROR_CATCH_UP_S))
+            if not t.manager.mirror.request(wait=MIRROR_CATCH_UP_S):
+                logger.warning("the mirror did not catch up within %s: it holds up to step %s",
+                               format_duration(MIRROR_CATCH_UP_S), t.manager.mirror.mirrored_step)
+            self.log([])
         return 0
 
     def emergency_stop(self, signum: int) -> int:

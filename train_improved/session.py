@@ -28,6 +28,7 @@ from .config import ConfigError, DataError, TrainConfig
 from .overrides import MODEL_SHAPE
 from .progress import err_console
 from .resume_command import continued_args, print_changes
+from .save_points import MIRROR_CATCH_UP_S
 
 
 def checkpoint_options(cfg: TrainConfig) -> CheckpointOptions:
@@ -121,9 +122,6 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
                 metrics.log("init_from", path=str(init_from), step=0)
             with GracefulStop() as stop:
                 code = trainer.run(stop, manager, metrics)
-            if manager is not None and manager.mirror is not None and code == 0:
-                err_console.print(f"waiting for the mirror {mask(remote.url)} to catch up", highlight=False,
-                                  soft_wrap=True)
             if code == 0 and d.is_main:
                 if (text := trainer.sample(cfg.sample_length)) is not None:
                     err_console.rule("sample from the best model")
@@ -136,8 +134,9 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
             metrics.close()
     finally:
         if manager is not None:
-            # A stopped run has already waited for its emergency checkpoint's upload (--emergency-budget).
-            manager.close(mirror_wait=0 if code >= 128 else 300)
+            # A finished run has waited for the mirror (save_points.finish), a stopped one for its emergency
+            # checkpoint's upload (--emergency-budget); a failed one gives the mirror its chance here.
+            manager.close(mirror_wait=0 if code == 0 or code >= 128 else MIRROR_CATCH_UP_S)
 
 
 def _choose_checkpoint(d: distributed.Dist, pre: TrainConfig, resume: str | None
