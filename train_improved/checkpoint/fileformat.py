@@ -172,17 +172,13 @@ def hash_file(path: Path) -> str:
 
 def _hash_open(f: BinaryIO, length: int, tail: bytes = b"") -> str:
     """xxh3-128 of the first `length` bytes of an open file, then `tail`."""
-    hasher = xxhash.xxh3_128()
+    digest = StreamDigest(length, tail)
     f.seek(0)
     remaining = length
-    while remaining > 0:
-        chunk = f.read(min(_READ_CHUNK, remaining))
-        if not chunk:
-            raise CorruptCheckpointError("file is shorter than its footer says (truncated?)")
-        hasher.update(chunk)
+    while remaining > 0 and (chunk := f.read(min(_READ_CHUNK, remaining))):
+        digest.update(chunk)
         remaining -= len(chunk)
-    hasher.update(tail)
-    return hasher.hexdigest()
+    return digest.hexdigest()  # raises if the file ended before `length` bytes
 
 
 class StreamDigest:

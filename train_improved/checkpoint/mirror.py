@@ -50,7 +50,7 @@ class Mirror:
         self._failing = False
         remote.yield_cpu_to_training()
         self._entries = remote.manifest()
-        remote.remove_unlisted({ref.key for e in self._entries.values() for ref in e.objects().values()})
+        remote.remove_unlisted(_keys(self._entries))
         latest = self._entries.get(layout.LATEST)
         self.mirrored_step: int | None = latest.step if latest else None
         self._thread = threading.Thread(target=self._run, name="checkpoint-mirror", daemon=True)
@@ -158,11 +158,10 @@ class Mirror:
         entries = {n: entry for n, i in local.items() if (entry := _entry(i, up)) is not None}
         if entries == self._entries:
             return
-        listed_before = {ref.key for e in self._entries.values() for ref in e.objects().values()}
+        listed_before = _keys(self._entries)
         self.remote.write_manifest(entries)
         self._entries = entries
-        listed = {ref.key for e in entries.values() for ref in e.objects().values()}
-        self.remote.delete(listed_before - listed)  # only after the manifest is durable
+        self.remote.delete(listed_before - _keys(entries))  # only after the manifest is durable
         latest = entries.get(layout.LATEST)
         self.mirrored_step = latest.step if latest else self.mirrored_step
 
@@ -176,3 +175,8 @@ def _entry(info: CheckpointInfo, up: dict[str, ObjectRef]) -> Entry | None:
     files = None if shards is None else {
         name: {"key": up[f["digest"]].key, "digest": f["digest"], "bytes": f["bytes"]} for name, f in shards.items()}
     return Entry(info.name, up[digest].key, digest, up[digest].bytes, info.step, info.kind, info.saved_at, files)
+
+
+def _keys(entries: dict[str, Entry]) -> set[str]:
+    """Every object a manifest's entries need."""
+    return {ref.key for e in entries.values() for ref in e.objects().values()}

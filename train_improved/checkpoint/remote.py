@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -238,8 +239,7 @@ class RemoteStore:
     def _put(self, src: BinaryIO, remote: str) -> None:
         local = _is_local(self.fs)
         with open(remote, "xb") if local else self.fs.open(remote, "wb", block_size=_CHUNK * 8) as dst:
-            while chunk := src.read(_CHUNK):
-                dst.write(chunk)
+            shutil.copyfileobj(src, dst, _CHUNK)
             if local:  # on a filesystem, durable before any manifest can list it
                 dst.flush()
                 storage.fsync(dst.fileno())
@@ -352,8 +352,7 @@ class RemoteStore:
 
     def _download_object(self, key: str, local: Path) -> None:
         with self.fs.open(self._path(key), "rb", block_size=_CHUNK) as src, open(local, "xb") as dst:
-            while chunk := src.read(_CHUNK):
-                dst.write(chunk)
+            shutil.copyfileobj(src, dst, _CHUNK)
             dst.flush()
             storage.fsync(dst.fileno())
 
