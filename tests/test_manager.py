@@ -242,3 +242,17 @@ def test_retention_deletes_an_abandoned_branch_before_the_new_lines_files(tmp_pa
     # Sorted by step alone, the new step 9 was the oldest deletable file; the abandoned step 10 goes.
     assert names(tmp_path) >= {"rolling_step_000008.pt", "rolling_step_000009.pt"}
     assert "rolling_step_000010.pt" not in names(tmp_path)
+
+
+def test_storage_usage_skips_a_checkpoint_pruned_after_it_was_listed(tmp_path: Path) -> None:
+    # The lister beside a running writer: retention can delete a file between the scan and the stat.
+    from train_improved.checkpoint.records import disk_usage
+
+    d = tmp_path / "ck"
+    with CheckpointManager(d, CheckpointOptions(save_every=1, async_save=False)) as m:
+        for step in (1, 2):
+            m.save({"w": torch.full((256,), float(step))}, step=step)
+    infos = CheckpointManager(d, read_only=True).all()
+    (d / "rolling_step_000001.pt").unlink()
+    left = {p.stat().st_ino: p.stat().st_size for p in d.glob("*.pt")}
+    assert sum(disk_usage(infos).values()) == sum(left.values())

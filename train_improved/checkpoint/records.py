@@ -140,7 +140,10 @@ def disk_usage(infos: Iterable[CheckpointInfo]) -> dict[Family, int]:
     seen: set[int] = set()
     usage = {fam: 0 for fam in Family}
     for info in sorted(infos, key=lambda i: i.family is Family.LATEST):
-        parts = [os.stat(f) for f in info.path.iterdir()] if info.path.is_dir() else [os.stat(info.path)]
+        try:
+            parts = [os.stat(f) for f in info.path.iterdir()] if info.path.is_dir() else [os.stat(info.path)]
+        except FileNotFoundError:
+            continue  # pruned by a running writer since it was listed: it uses no space any more
         for st in parts:
             if st.st_ino not in seen:
                 seen.add(st.st_ino)
