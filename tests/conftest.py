@@ -110,3 +110,51 @@ def train_in_process(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> 
     """`invoke_train`'s (exit code, stderr)."""
     result = invoke_train(*args, cwd=cwd, monkeypatch=monkeypatch)
     return result.exit_code, result.stderr
+
+
+# ---------------------------------------------------------------------- a real S3 endpoint (moto's server)
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class S3:
+    """A real S3 endpoint on loopback (moto's ThreadedMotoServer), and its address for --mirror-options."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        self.port = self.server._server.port  # noqa: SLF001 - moto exposes the bound port only here
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def restart(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def options(self, **extra: object) -> str:
+        return json.dumps({"endpoint_url": self.url, **extra})
+
+    def store(self, url: str):  # noqa: ANN201 - a RemoteStore
+        from train_improved.checkpoint.remote import RemoteStore
+
+        return RemoteStore.open(url, json.loads(self.options()), check_writable=False)
+
+
+@pytest.fixture(scope="module")
+def s3() -> S3:
+    """One S3 server per test module, with a bucket named "bucket" (moto keeps buckets for the whole process)."""
+    import logging
+
+    pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
+    os.environ.update(CREDENTIALS)
+    server = S3()
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=server.url)
+    fs.makedirs("bucket", exist_ok=True)
+    yield server
+    server.server.stop()

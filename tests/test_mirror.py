@@ -24,47 +24,21 @@ import torch
 from train_improved.checkpoint import read_footer
 from train_improved.checkpoint.remote import RemoteStore
 
-from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, run_train, step_losses, train_in_process
+from conftest import (
+    CORPUS_BYTES,
+    CREDENTIALS,
+    S3,
+    TINY,
+    corpus_bytes,
+    read_metrics,
+    run_train,
+    step_losses,
+    train_in_process,
+)
 
-moto_server = pytest.importorskip("moto.server")
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+pytest.importorskip("moto.server")
 STEPS = 40
 ARGS = ["--data", "corpus.txt", *TINY, "--max-steps", str(STEPS), "--num-epochs", "10"]
-
-
-class S3:
-    """A real S3 endpoint on loopback, and its address for --mirror-options."""
-
-    def __init__(self) -> None:
-        self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.server.start()
-        self.port = self.server._server.port  # noqa: SLF001 - moto exposes the bound port only here
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def restart(self) -> None:
-        self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def options(self, **extra: object) -> str:
-        return json.dumps({"endpoint_url": self.url, **extra})
-
-    def store(self, url: str) -> RemoteStore:
-        return RemoteStore.open(url, json.loads(self.options()), check_writable=False)
-
-
-@pytest.fixture(scope="module")
-def s3() -> S3:
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
-    os.environ.update(CREDENTIALS)
-    server = S3()
-    import s3fs
-
-    fs = s3fs.S3FileSystem(endpoint_url=server.url)
-    fs.makedirs("bucket", exist_ok=True)  # moto keeps its buckets for the whole test process
-    yield server
-    server.server.stop()
 
 
 def train_env() -> dict[str, str]:
@@ -296,23 +270,32 @@ def test_an_upload_that_does_not_read_back_identical_is_never_listed(tmp_path: P
 
 
 def test_objects_are_deleted_only_after_a_manifest_without_them_is_written(tmp_path: Path, monkeypatch) -> None:
+    from train_improved.checkpoint import CheckpointManager, CheckpointOptions
     from train_improved.checkpoint.mirror import Mirror
 
     d = saved_store(tmp_path)
     remote = RemoteStore.open(f"file://{tmp_path / 'mirror'}")
-    mirror = Mirror(remote, d)
+    mirror = Mirror(remote, d, keep_rolling=2)
     assert mirror.request(wait=60)
     before = {p.name for p in (tmp_path / "mirror" / "objects").iterdir()}
     assert len(before) == 2  # rolling 2 and 3 (latest and the backups are entries, not objects)
-    for name in ("rolling_step_000002.pt", "latest_backup.pt"):  # the local store moved on: step 2 is gone
-        (d / name).unlink()
-    monkeypatch.setattr(remote, "write_manifest", lambda entries: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with CheckpointManager(d, CheckpointOptions(save_every=1, keep_rolling=2)) as m:  # the store moves on
+        m.restore("latest")
+        m.save({"w": torch.full((64,), 4.0), "step": 4}, step=4)
+    assert not (d / "rolling_step_000002.pt").exists()
+
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(remote, "write_manifest", failing)
     assert not mirror.request(wait=3)  # the manifest write fails: the sync fails and is retried
-    assert {p.name for p in (tmp_path / "mirror" / "objects").iterdir()} == before  # nothing deleted
+    assert before <= {p.name for p in (tmp_path / "mirror" / "objects").iterdir()}  # nothing deleted
     monkeypatch.undo()
     assert mirror.close(wait=60)
-    assert len(list((tmp_path / "mirror" / "objects").iterdir())) == 1
-    assert {"rolling_step_000002.pt", "latest_backup.pt"}.isdisjoint(remote.manifest())
+    manifest = remote.manifest()
+    assert "rolling_step_000002.pt" not in manifest and manifest["latest_backup.pt"].step == 3
+    assert {p.name for p in (tmp_path / "mirror" / "objects").iterdir()} == {e.key.split("/")[1]
+                                                                           for e in manifest.values()}
 
 
 def test_each_distinct_checkpoint_is_uploaded_once(tmp_path: Path) -> None:

@@ -39,14 +39,15 @@ def resolve(directory: Path, which: str | Path) -> Path:
     return directory / which
 
 
-def saved_time(info: CheckpointInfo) -> datetime:
+def saved_time(info: CheckpointInfo | Any) -> datetime:
+    """When a checkpoint (anything with `saved_at`: a CheckpointInfo, a mirror entry) was saved; oldest if unknown."""
     try:
         return datetime.fromisoformat(info.saved_at or "")
     except ValueError:
         return datetime.min.replace(tzinfo=datetime.now().astimezone().tzinfo)
 
 
-def current_line(checkpoints: list[CheckpointInfo]) -> Line | None:
+def current_line(checkpoints: list[Any]) -> Line | None:
     """The line of the checkpoint saved last (readable ones only); None if it predates lineage."""
     readable = [i for i in checkpoints if i.ok]
     if not readable:
@@ -73,29 +74,42 @@ def candidates(directory: Path, which: str | Path, checkpoints: list[CheckpointI
 
 
 def _latest_chain(d: Path, checkpoints: list[CheckpointInfo]) -> list[Candidate]:
-    line = current_line(checkpoints)
     latest = next((i for i in checkpoints if i.name == layout.LATEST), None)
+    chain = []
+    if latest is not None and not latest.ok:
+        chain.append(Candidate(latest.path))  # tried first so that its damage is reported by name
+    chain += [Candidate(i.path, note) for i, note in latest_first(checkpoints)]
+    chain += [Candidate(i.path) for i in checkpoints if not i.ok and i is not latest]
+    return chain
 
-    def order(i: CheckpointInfo) -> tuple[Any, ...]:  # newest step; at one step latest.pt, then originals
+
+def latest_first(checkpoints: list[Any]) -> list[tuple[Any, str]]:
+    """The readable checkpoints in the order "latest" tries them, each with why, where that needs saying.
+
+    The current line of training first, newest step first (at one step latest.pt, then originals),
+    then any other line. One chain for both tiers: `checkpoints` are CheckpointInfo of the local
+    store or the mirror's manifest entries (anything with name, step, meta, ok, saved_at).
+    """
+    line = current_line(checkpoints)
+    latest = next((i for i in checkpoints if i.name == layout.LATEST and i.ok), None)
+
+    def order(i: Any) -> tuple[Any, ...]:
         return (i.step or -1, i.name == layout.LATEST, i.name not in layout.BACKUP_NAMES, saved_time(i))
 
     readable = sorted((i for i in checkpoints if i.ok), key=order, reverse=True)
     on = [i for i in readable if line is None or line.holds(i.meta)]
-    off = [i for i in readable if i not in on]
     chain = []
-    if latest is not None and not latest.ok:
-        chain.append(Candidate(latest.path))  # tried first so that its damage is reported by name
     for i in on:
         note = ""
-        if latest is not None and latest.ok and i.name != layout.LATEST and (i.step or -1) > (latest.step or -1):
+        if latest is not None and i.name != layout.LATEST and (i.step or -1) > (latest.step or -1):
             note = (f"newer than {layout.LATEST} (step {latest.step}): the run stopped after committing it, "
                     f"before {layout.LATEST} was moved")
-        chain.append(Candidate(i.path, note))
-    for i in off:
-        where = line.describe(i.meta) if line else "another run"
-        chain.append(Candidate(i.path, f"from another line of training ({where}), abandoned when a run resumed "
-                                       "from an earlier step"))
-    chain += [Candidate(i.path) for i in checkpoints if not i.ok and i is not latest]
+        chain.append((i, note))
+    for i in readable:
+        if i not in on:
+            where = line.describe(i.meta) if line else "another run"
+            chain.append((i, f"from another line of training ({where}), abandoned when a run resumed from an "
+                             "earlier step"))
     return chain
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -59,6 +60,9 @@ _FIXED = {
     BEST_PREVIOUS: Family.BEST,
 }
 BACKUP_NAMES = frozenset({LATEST_BACKUP, ROLLING_BACKUP, BEST_BACKUP})
+# Names that point at another name's checkpoint and are moved by the next save: never the name a
+# checkpoint is kept under, and never counted by retention (they follow what they point at).
+ALIASES = BACKUP_NAMES | {LATEST}
 
 
 @dataclass(frozen=True)
@@ -97,3 +101,15 @@ def parse_name(name: str) -> ParsedName | None:
 def is_explicit_path(name: str) -> bool:
     """`--resume` names with a path separator or a leading '.' or '~' are paths; others live in the directory."""
     return os.sep in name or name.startswith((".", "~"))
+
+
+def stable_name(names: Iterable[str]) -> str | None:
+    """Of the names that hold one checkpoint, the one it is kept under; None if only aliases hold it.
+
+    A rolling, emergency or epoch name is never reused; best_model.pt becomes best_model_previous.pt
+    at the next best. Aliases (latest.pt and the backups) are overwritten by the next save, so a
+    checkpoint downloaded from the mirror never takes one, and the uploader reads it under this name.
+    """
+    rank = {BEST: 1, BEST_PREVIOUS: 2}
+    owned = [n for n in names if n not in ALIASES and parse_name(n)]
+    return min(owned, key=lambda n: (rank.get(n, 0), n)) if owned else None

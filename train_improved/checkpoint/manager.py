@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -90,7 +91,7 @@ class CheckpointManager:
         self._resumed: dict[str, Any] | None = None  # its footer, which seeds best tracking
         self._best = BestTracker(self._options.metric, self._options.mode)  # the store's one best tracker
         self.mirror: Any = None  # the second tier's uploader (mirror.Mirror), once attach_mirror() is called
-        self._mirror_events: list[dict[str, Any]] = []
+        self._mirror_events: deque[dict[str, Any]] = deque()  # appended by the uploader's thread
         if not read_only:
             self._open_for_writing()
         self._seed_best()
@@ -110,14 +111,17 @@ class CheckpointManager:
             self._wait_inflight()
             self._executor.shutdown(wait=True)
             self._executor = None
+        lock, self._lock = self._lock, None
         if self.mirror is not None:
-            if not self.mirror.close(wait=mirror_wait):
+            if not self.mirror.close(wait=mirror_wait) and self.mirror.stopped is None:
                 logger.warning("the mirror did not catch up before the end: it holds up to step %s",
                                self.mirror.mirrored_step)
+            if lock is not None:  # an upload still finishing keeps the directory: no second uploader meanwhile
+                self.mirror.when_stopped(lock.release)
+                lock = None
             self.mirror = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        if lock is not None:
+            lock.release()
         return self.poll()
 
     def __enter__(self) -> CheckpointManager:
@@ -135,6 +139,8 @@ class CheckpointManager:
         """New options apply from the next save; a changed metric or mode re-seeds best tracking."""
         self._options = options
         self._seed_best()
+        if self.mirror is not None:
+            self.mirror.keep_rolling, self.mirror.keep_emergency = options.keep_rolling, options.keep_emergency
 
     # ----------------------------------------------------------------------------- queries
 
@@ -304,12 +310,15 @@ class CheckpointManager:
         """Mirror every committed save to `remote` (a `mirror.RemoteStore`) from a background uploader."""
         from .mirror import Mirror
 
-        self.mirror = Mirror(remote, self.directory, on_sync=self._mirror_events.append)
+        self.mirror = Mirror(remote, self.directory, on_sync=self._mirror_events.append, writer=self.run_id,
+                             keep_rolling=self.options.keep_rolling, keep_emergency=self.options.keep_emergency)
         self.mirror.request()  # what the store already holds goes up first
 
     def mirror_events(self) -> list[dict[str, Any]]:
         """Syncs the mirror finished since the last call (mirrored_step, upload_s, upload_bytes)."""
-        events, self._mirror_events = self._mirror_events, []
+        events = []
+        while self._mirror_events:
+            events.append(self._mirror_events.popleft())
         return events
 
     def expected_save_seconds(self) -> float | None:

@@ -10,9 +10,10 @@ Layout under the URL:
     objects/<digest>.pt       one object per distinct checkpoint file, keyed by its xxh3-128 digest
                               (latest.pt and the rolling file it names are one object)
     objects/<digest>.shard    one per file of a sharded (--fsdp) checkpoint: its DCP files
-    manifest.json             the commit point: the names of the local store (latest.pt,
+    manifest.json             the commit point and the mirror's own inventory: names (latest.pt,
                               rolling_step_000250.pt, best_model.pt, ...) with their object(s),
-                              sizes, digests, step and kind; written last, in one PUT
+                              sizes, digests, step, kind and line of training, and its writer;
+                              written last, in one conditional PUT (see `inventory`, `write_manifest`)
     tmp/                      uploads in progress (filesystems and stores without server MD5s)
 
 No object is listed before it is verified. On S3 it is uploaded in one read straight to its key, in
@@ -25,6 +26,8 @@ manifest lists (temporaries, incomplete uploads, objects a kill left unlisted) i
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -33,13 +36,13 @@ import shutil
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
-from . import fileformat, layout, s3_upload, storage
+from . import fallback, fileformat, layout, s3_upload, storage
 from .fileformat import CheckpointError, CorruptCheckpointError, StreamDigest
+from .inventory import Entry, ObjectRef
 from .records import NoCheckpointError
 
 logger = logging.getLogger("train_improved.checkpoint")
@@ -48,8 +51,16 @@ _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 _CHUNK = 8 << 20
 
 
+MANIFEST_FORMAT = 2  # 2: entries carry their line of training; the manifest names its writer
+_MANIFEST_LOCK = ".manifest.lock"
+
+
 class MirrorError(CheckpointError):
     """The mirror cannot be used (bad URL, missing extra, credentials, bucket): one clear line."""
+
+
+class MirrorFenced(MirrorError):
+    """Another run opened this mirror prefix since this one did: it owns the prefix now (one writer per prefix)."""
 
 
 def mask(url: str) -> str:
@@ -59,42 +70,6 @@ def mask(url: str) -> str:
         return url
     host = parts.hostname or ""
     return urlunsplit(parts._replace(netloc=f"***@{host}" + (f":{parts.port}" if parts.port else "")))
-
-
-@dataclass(frozen=True)
-class ObjectRef:
-    """One verified object of the mirror."""
-
-    key: str  # relative to the mirror's root
-    bytes: int
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One name of the manifest. A sharded checkpoint's `key` is its state.pt; `files` are its DCP files."""
-
-    name: str
-    key: str
-    digest: str
-    bytes: int
-    step: int | None
-    kind: str | None
-    saved_at: str | None
-    files: dict[str, dict[str, Any]] | None = None  # file name -> {"key", "digest", "bytes"}
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {"key": self.key, "digest": self.digest, "bytes": self.bytes, "step": self.step, "kind": self.kind,
-               "saved_at": self.saved_at}
-        return out if self.files is None else {**out, "files": self.files}
-
-    def objects(self) -> dict[str, ObjectRef]:
-        """digest -> object, for every object this entry needs."""
-        return {self.digest: ObjectRef(self.key, self.bytes),
-                **{f["digest"]: ObjectRef(f["key"], f["bytes"]) for f in (self.files or {}).values()}}
-
-    @property
-    def total_bytes(self) -> int:
-        return self.bytes + sum(f["bytes"] for f in (self.files or {}).values())
 
 
 class RemoteStore:
@@ -159,19 +134,85 @@ class RemoteStore:
 
     def manifest(self) -> dict[str, Entry]:
         """The committed names, or {} for a mirror nothing has been written to yet."""
-        try:
-            data = json.loads(self.fs.cat_file(self._path(MANIFEST)))
-        except FileNotFoundError:
-            return {}
-        return {name: Entry(name, **e) for name, e in data.get("entries", {}).items()}
+        return self.read_manifest()[0]
 
-    def write_manifest(self, entries: dict[str, Entry]) -> None:
-        body = json.dumps({"format_version": 1, "written": time.time(),
+    def read_manifest(self) -> tuple[dict[str, Entry], str | None]:
+        """The committed names and a token for this version of the manifest (None: there is no manifest).
+
+        Raises MirrorError for a manifest written by a newer train_improved, rather than misread it.
+        """
+        body, token = self._read_manifest_bytes()
+        if body is None:
+            return {}, None
+        data = json.loads(body)
+        version = data.get("format_version", 1)
+        if not isinstance(version, int) or version > MANIFEST_FORMAT:
+            raise MirrorError(f"the mirror {mask(self.url)} has a manifest of format {version}, newer than this "
+                              f"train_improved reads ({MANIFEST_FORMAT}): upgrade train_improved to use it")
+        return {name: Entry.from_dict(name, e) for name, e in data.get("entries", {}).items()}, token
+
+    def writer(self) -> dict[str, Any] | None:
+        """Who wrote the manifest last (run, host, pid, since), or None."""
+        body, _ = self._read_manifest_bytes()
+        return json.loads(body).get("writer") if body is not None else None
+
+    def _read_manifest_bytes(self) -> tuple[bytes | None, str | None]:
+        path = self._path(MANIFEST)
+        if self.server_md5 or s3_upload.supports(self.fs):
+            got = s3_upload.get_with_etag(self.fs, path)
+            return got if got is not None else (None, None)
+        try:
+            body = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None, None
+        return body, hashlib.md5(body, usedforsecurity=False).hexdigest()
+
+    def write_manifest(self, entries: dict[str, Entry], *, writer: dict[str, Any], expect: str | None) -> str:
+        """Replace the manifest, the commit point, only if it is still the version `expect` (from
+        read_manifest or the last write); return the new version's token.
+
+        Raises MirrorFenced if another writer replaced it since. S3 checks this on the server (a
+        conditional PUT); a file:// mirror under an exclusive lock (flock) beside the manifest;
+        other stores by reading it just before (a narrow race between two writers remains there).
+        """
+        body = json.dumps({"format_version": MANIFEST_FORMAT, "writer": writer, "written": time.time(),
                            "entries": {n: e.as_dict() for n, e in sorted(entries.items())}}, indent=1).encode()
-        if _is_local(self.fs):  # a filesystem has rename: write aside, fsync, replace in one step
-            storage.replace_file(Path(self._path(MANIFEST)), body)
-        else:  # an object store: one PUT is atomic
-            self.fs.pipe_file(self._path(MANIFEST), body)
+        path = self._path(MANIFEST)
+        if s3_upload.supports(self.fs):
+            try:
+                return s3_upload.put_if(self.fs, path, body, expect)
+            except s3_upload.PreconditionFailed:
+                raise self._fenced() from None
+        with self._manifest_lock():
+            if self._read_manifest_bytes()[1] != expect:
+                raise self._fenced()
+            if _is_local(self.fs):  # a filesystem has rename: write aside, fsync, replace in one step
+                storage.replace_file(Path(path), body)
+            else:  # an object store: one PUT is atomic
+                self.fs.pipe_file(path, body)
+        return hashlib.md5(body, usedforsecurity=False).hexdigest()
+
+    @contextmanager
+    def _manifest_lock(self) -> Iterator[None]:
+        if not _is_local(self.fs):
+            yield
+            return
+        with open(Path(self._path(_MANIFEST_LOCK)), "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _fenced(self) -> MirrorFenced:
+        try:
+            who = self.writer() or {}
+        except Exception:  # noqa: BLE001 - only for the message
+            who = {}
+        by = f"run {who.get('run')} on {who.get('host')} (pid {who.get('pid')}), since {who.get('since')}" \
+            if who else "another run"
+        return MirrorFenced(f"the mirror {mask(self.url)} is now written by {by}: this run stops uploading to it "
+                            "and deletes nothing there (one writer per mirror prefix; the newest run owns it)")
 
     # ------------------------------------------------------------------ uploading
 
@@ -286,6 +327,8 @@ class RemoteStore:
             for path in found:
                 if f"{sub}/{path.rstrip('/').rsplit('/', 1)[-1]}" not in listed:
                     self._remove(path)
+        if _is_local(self.fs):  # the manifest's own temporaries, left by a kill during its replace
+            storage.clean_temp_files(Path(self.root))
         if self.server_md5:
             s3_upload.abort_incomplete(self.fs, self._path("objects/"))
 
@@ -307,19 +350,21 @@ class RemoteStore:
         entries = self.manifest()
         if not entries:
             raise NoCheckpointError(f"the mirror {mask(self.url)} holds no checkpoint")
-        if which == "latest":  # latest.pt (the local store's own choice, on its line of training), then newest
-            order = sorted(entries.values(), key=lambda e: (e.name == layout.LATEST, e.step or -1), reverse=True)
+        if which == "latest":  # the local store's chain: this line of training, newest first, then others
+            order = [e for e, _ in fallback.latest_first(list(entries.values()))]
         elif which == "best":
             order = [entries[n] for n in (layout.BEST, layout.BEST_BACKUP, layout.BEST_PREVIOUS) if n in entries]
         else:
             order = [entries[which]] if which in entries else []
+        seen: set[str] = set()
+        order = [e for e in order if not (e.digest in seen or seen.add(e.digest))]  # each object tried once
         if not order:
             raise NoCheckpointError(f"the mirror {mask(self.url)} holds no {which}")
         failures = []
         for entry in order:
-            # latest.pt is another name's object: it is placed under that name (resume finds it there).
-            name = next((n for n, e in sorted(entries.items()) if e.digest == entry.digest
-                         and n not in (layout.LATEST, layout.LATEST_BACKUP)), entry.name)
+            # Placed under the name it is kept under (latest.pt is another name's object), never under a
+            # name the next save replaces: the resumed run protects it there.
+            name = layout.stable_name(n for n, e in entries.items() if e.digest == entry.digest) or entry.name
             try:
                 return self._download(entry, directory / name)
             except (CorruptCheckpointError, OSError) as e:

@@ -14,6 +14,7 @@ reader ever sees part of it; a kill leaves at most an incomplete multipart uploa
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections import deque
 from collections.abc import Callable
@@ -102,6 +103,53 @@ def _put_parts(fs: Any, bucket: str, key: str, upload_id: str, src: BinaryIO, si
             for future in inflight:
                 future.cancel()
     return md5s
+
+
+class PreconditionFailed(Exception):
+    """A conditional PUT found another version of the object than the one it was told to replace."""
+
+
+def get_with_etag(fs: Any, remote: str) -> tuple[bytes, str] | None:
+    """The object's bytes and the ETag of that very version (one GET), or None if there is no such object."""
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(remote)
+
+    async def get() -> tuple[bytes, str] | None:
+        try:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)  # noqa: SLF001 - s3fs's own call path
+        except FileNotFoundError:
+            return None
+        try:
+            return await resp["Body"].read(), resp["ETag"]
+        finally:
+            resp["Body"].close()
+
+    return sync(fs.loop, get)
+
+
+def put_if(fs: Any, remote: str, body: bytes, etag: str | None) -> str:
+    """PUT `body` only if the object is still the version `etag` (None: only if there is none); its new ETag.
+
+    S3's conditional writes (If-Match / If-None-Match, 2024), which moto's server implements too;
+    the server checks the bytes against Content-MD5 before the object exists. Raises
+    PreconditionFailed when another writer replaced (or removed) the object since.
+    """
+    bucket, key, _ = fs.split_path(remote)
+    md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+    condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+    try:
+        return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, ContentMD5=md5, **condition)["ETag"]
+    except (FileExistsError, FileNotFoundError) as e:  # s3fs's words for If-None-Match, and If-Match on no object
+        raise PreconditionFailed(str(e)) from None
+    except OSError as e:
+        response = getattr(e.__cause__, "response", None) or {}  # s3fs keeps botocore's error as the cause
+        if response.get("Error", {}).get("Code") == "PreconditionFailed" or \
+                response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+            raise PreconditionFailed(str(e)) from None
+        raise
+    finally:
+        fs.invalidate_cache(remote)
 
 
 def abort_incomplete(fs: Any, prefix: str) -> None:
