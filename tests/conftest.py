@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import secrets
 import subprocess
 import sys
 import sysconfig
@@ -12,6 +14,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Random choices in tests (kill moments, stop steps) come from one seed, printed in the header: a red
+# run is replayed with TEST_SEED=<seed> (each test draws from the seed and its own id, so alone or in
+# the whole suite, on any worker, it draws the same).
+os.environ.setdefault("TEST_SEED", str(secrets.randbelow(2**31)))
+TEST_SEED = int(os.environ["TEST_SEED"])
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"random choices (kill moments, stop steps): TEST_SEED={TEST_SEED}; set it to replay a run"
+
+
+@pytest.fixture(autouse=True)
+def _seeded_random(request: pytest.FixtureRequest) -> None:
+    random.seed(f"{TEST_SEED}:{request.node.nodeid}")
 
 # Small enough to run in a second or two, with dropout and gradient accumulation (2 micro-batches).
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",

@@ -327,3 +327,43 @@ def test_the_example_loop_stops_on_sigterm_and_resumes_exactly(tmp_path: Path) -
     theirs = torch.load(tmp_path / "ref" / "latest.pt", weights_only=True)
     assert ours["step"] == theirs["step"] == 120
     assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"])
+
+
+def test_the_old_best_has_a_final_name_at_every_instant_of_a_best_save(tmp_path: Path, monkeypatch) -> None:
+    from train_improved.checkpoint import read_footer
+
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=None)) as m:
+        for step, value in ((1, 3.0), (2, 2.0)):
+            m.save(st(step), step=step, kinds=Kind.BEST, metrics={"val_loss": value})
+        m.save(st(2), step=2, kinds=Kind.ROLLING)  # latest.pt no longer names the old best
+        m.wait_until_finished()
+        old_best = read_footer(tmp_path / "best_model.pt")["digest"]
+        real_write, seen = storage.write_checkpoint, []
+
+        def kill_window(final, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            # What a kill -9 right after the new best's rename would leave under final names (temporaries
+            # are removed by the next writing open).
+            out = real_write(final, *args, **kwargs)
+            seen.append({read_footer(p)["digest"] for p in tmp_path.glob("*.pt") if not p.name.startswith(".tmp-")})
+            return out
+
+        monkeypatch.setattr(storage, "write_checkpoint", kill_window)
+        m.save(st(3), step=3, kinds=Kind.BEST, metrics={"val_loss": 1.0})
+        m.wait_until_finished()
+    assert seen and old_best in seen[0]
+    assert read_footer(tmp_path / "best_model_previous.pt")["digest"] == old_best
+
+
+def test_graceful_stop_installs_without_a_with_block_for_flat_scripts() -> None:
+    from train_improved.checkpoint import GracefulStop
+
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = GracefulStop().install()  # nanoGPT-style: no re-indented loop
+    assert signal.getsignal(signal.SIGUSR1) != before and not stop.requested
+    os.kill(os.getpid(), signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not stop.requested and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stop.signum == signal.SIGUSR1 and stop.at is not None and stop.at <= time.monotonic()
+    stop.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == before

@@ -93,7 +93,7 @@ def assert_same_windows_and_losses(resumed: Path, reference: Path, stopped_at: i
     mine, ref = step_losses(resumed / "runs" / "metrics.jsonl"), step_losses(reference / "runs" / "metrics.jsonl")
     for step in range(1, STEPS + 1):
         assert mine[step] == pytest.approx(ref[step], rel=1e-4), step
-    assert any(mine[s] == ref[s] for s in range(1, stopped_at + 1))
+    assert all(mine[s] == ref[s] for s in range(1, stopped_at + 1))  # the same 2 ranks before the stop
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -112,3 +112,20 @@ def test_a_two_rank_run_resumes_on_other_numbers_of_ranks(tmp_path: Path, mode: 
         err = run(d, ranks, *ARGS, *extra, "--resume", "latest")
         assert "elastic" in " ".join(err.split()), err[-2000:]
         assert_same_windows_and_losses(d, reference, stopped_at)
+
+
+def test_cuda_rng_states_restore_onto_fewer_devices_than_saved_them(monkeypatch) -> None:
+    # An 8-GPU run resumed on a 2-GPU node: each present device gets its own state, the rest are not asked for.
+    import torch
+
+    from train_improved import state
+
+    plain = state.as_plain_rng_state(state.snapshot_rng())
+    plain["torch_cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.__setitem__(device, int(s[0])))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("one state per saving device"))
+    state.restore_rng_state(plain)
+    assert restored == {0: 0, 1: 1}

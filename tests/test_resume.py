@@ -84,7 +84,7 @@ def run_dir(tmp_path: Path, reference: Path) -> Path:
     (signal.SIGUSR1, 2, 36),
 ])
 def test_signal_then_resume_is_bitwise_exact(run_dir: Path, reference: Path, sig: signal.Signals, lo: int, hi: int) -> None:
-    target = random.Random(f"{sig}-{os.getpid()}-{time.time_ns()}").randint(lo, hi)
+    target = random.randint(lo, hi)  # seeded: conftest.TEST_SEED
     proc = start(run_dir)
     wait_for_step(run_dir, target, proc)
     proc.send_signal(sig)

@@ -112,7 +112,8 @@ def train(
 
                 raise typer.Exit(list_mirror(listed.mirror, listed.mirror_storage_options(), as_json=json_output,
                                              verify=verify))
-            raise typer.Exit(show(Path(listed.checkpoint_dir), as_json=json_output, verify=verify))
+            raise typer.Exit(show(Path(listed.checkpoint_dir), as_json=json_output, verify=verify,
+                                  mirror_options=listed.mirror_storage_options()))
         from .session import run_session
 
         raise typer.Exit(run_session(given, resume=resume, config_file=config_file, init_from=init_from))

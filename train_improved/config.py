@@ -90,7 +90,7 @@ class TrainConfig:
 
     def mirror_storage_options(self) -> dict[str, Any]:
         """--mirror-options as a dict (validated to be a JSON object)."""
-        return json.loads(self.mirror_options) if self.mirror_options else {}
+        return parse_mirror_options(self.mirror_options)
 
     def with_absolute_paths(self) -> TrainConfig:
         """--data made absolute, as a run stores it: a resume typed in another directory
@@ -296,16 +296,29 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"--emergency-budget must be a positive duration (got {cfg.emergency_budget})")
     if cfg.mtbf <= 0:
         p.append(f"--mtbf must be a positive duration (got {cfg.mtbf})")
-    if cfg.mirror_options:
-        try:
-            if not isinstance(json.loads(cfg.mirror_options), dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            p.append(f"--mirror-options must be a JSON object like '{{\"endpoint_url\": \"http://...\"}}' ({e})")
+    try:
+        cfg.mirror_storage_options()
+    except ConfigError as e:
+        p.append(str(e))
     if cfg.log_interval <= 0:
         p.append(f"--log-interval must be a positive duration (got {cfg.log_interval})")
     if p:
         raise ConfigError("; ".join(p))
+
+
+def parse_mirror_options(text: str | None) -> dict[str, Any]:
+    """--mirror-options (or CHECKPOINT_MIRROR_OPTIONS) as a dict; ConfigError in one line if it is not a JSON object."""
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except ValueError as e:
+        options = e
+    if not isinstance(options, dict):
+        why = f" ({options})" if isinstance(options, ValueError) else ""
+        raise ConfigError(f"--mirror-options (or CHECKPOINT_MIRROR_OPTIONS) must be a JSON object like "
+                          f"'{{\"endpoint_url\": \"http://...\"}}'{why}")
+    return options
 
 
 def batch_split(batch_size: int, mini_batch_size: int, world_size: int) -> int:

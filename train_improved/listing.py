@@ -12,19 +12,22 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .checkpoint import CheckpointError, CheckpointManager, Family, load_checkpoint, verify_file
 from .checkpoint.fallback import current_line
+from .checkpoint.inventory import Entry
 from .checkpoint.layout import BACKUP_NAMES, HISTORY, LATEST, parse_name
 from .checkpoint.lineage import Line
 from .checkpoint.records import CheckpointInfo, human_bytes
-from .checkpoint.remote import Entry, RemoteStore, mask
+from .checkpoint.remote import RemoteStore, mask, one_line
 
 _TITLES = {Family.LATEST: "Latest", Family.BEST: "Best", Family.ROLLING: "Rolling",
            Family.EMERGENCY: "Emergency", Family.EPOCH: "Epoch"}
@@ -83,21 +86,21 @@ def _row(info: CheckpointInfo, times: dict[tuple[str, str], float],
     }
 
 
-def collect(directory: Path, verify: bool = False) -> dict[str, Any]:
+def collect(directory: Path, verify: bool = False, mirror_options: dict[str, Any] | None = None) -> dict[str, Any]:
     manager = CheckpointManager(directory, read_only=True)
     times, failures = _history(directory)
     infos = manager.all()
     line = current_line(infos)
     latest = next((i for i in infos if i.name == LATEST), None)
     rows = [_row(i, times, failures, verify, line, latest) for i in infos]
-    manifest = _run_mirror_manifest(latest)
-    if manifest is not None:
-        listed = {e.digest for e in manifest.values()}
+    mirror = _run_mirror(latest, mirror_options)
+    if mirror is not None:
+        listed = {e.digest for e in mirror.manifest.values()}
         for row, info in zip(rows, infos, strict=True):
-            row["mirror"] = "unreachable" if manifest is _UNREACHABLE else \
+            row["mirror"] = "unreachable" if mirror.problem else \
                 "mirrored" if info.meta.get("digest") in listed else "pending"
         local = {i.name for i in infos}
-        rows += [dict(_remote_row(e, "ok"), mirror="remote only") for e in manifest.values() if e.name not in local]
+        rows += [dict(_remote_row(e, "ok"), mirror="remote only") for e in mirror.manifest.values() if e.name not in local]
     usage = manager.usage_by_family()
     return {
         "directory": str(directory.resolve()),
@@ -105,23 +108,31 @@ def collect(directory: Path, verify: bool = False) -> dict[str, Any]:
         "storage_bytes": {fam.value: b for fam, b in usage.items()},
         "total_bytes": sum(usage.values()),
         "free_bytes": shutil.disk_usage(directory).free,
+        **({"mirror": mask(mirror.url), "mirror_problem": mirror.problem} if mirror is not None else {}),
     }
 
 
-_UNREACHABLE: dict[str, Entry] = {}  # a mirror that cannot be read now: no row can say mirrored or pending
+@dataclass(frozen=True)
+class _RunMirror:
+    url: str
+    manifest: dict[str, Entry]
+    problem: str | None = None  # why it could not be read now: no row can say mirrored or pending
 
 
-def _run_mirror_manifest(latest: CheckpointInfo | None) -> dict[str, Entry] | None:
-    """The manifest of the run's mirror (from latest.pt's options); None without one, _UNREACHABLE."""
+def _run_mirror(latest: CheckpointInfo | None, options: dict[str, Any] | None) -> _RunMirror | None:
+    """The run's mirror (from latest.pt's options, or CHECKPOINT_MIRROR) and its manifest; None without one."""
     url = ((latest.meta.get("args") or {}).get("mirror") if latest is not None and latest.ok else None) or \
         os.environ.get("CHECKPOINT_MIRROR")
     if not url:
         return None
     try:
-        options = json.loads(os.environ.get("CHECKPOINT_MIRROR_OPTIONS") or "{}")
-        return RemoteStore.open(url, options, check_writable=False).manifest()
-    except (CheckpointError, ValueError, OSError):
-        return _UNREACHABLE
+        return _RunMirror(url, RemoteStore.open(url, options or {}, check_writable=False).manifest())
+    except (CheckpointError, ValueError, OSError) as e:
+        problem = one_line(e)
+        if not options:  # the usual cause: the options are never stored with the run, so they are not known here
+            problem += ("; a mirror's options (endpoint, credentials profile) are never stored: give them again "
+                        "with --mirror-options '{...}' or CHECKPOINT_MIRROR_OPTIONS")
+        return _RunMirror(url, {}, problem)
 
 
 def _remote_row(entry: Entry, status: str) -> dict[str, Any]:
@@ -163,7 +174,7 @@ def list_mirror(url: str | None, options: dict[str, Any], *, as_json: bool = Fal
 
 
 def list_checkpoints(directory: Path, *, as_json: bool = False, verify: bool = False,
-                     console: Console | None = None) -> int:
+                     console: Console | None = None, mirror_options: dict[str, Any] | None = None) -> int:
     if console is None:
         # Piped to a file or a pager, rich would cut the table to 80 columns and truncate file names,
         # the one thing a reader needs whole. A terminal keeps its own width (names never wrap there).
@@ -172,7 +183,7 @@ def list_checkpoints(directory: Path, *, as_json: bool = False, verify: bool = F
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory")
-    data = collect(directory, verify)
+    data = collect(directory, verify, mirror_options)
     bad = sum(r["status"].startswith("BAD") for r in data["checkpoints"])
     if as_json:
         print(json.dumps(data, indent=2))
@@ -186,6 +197,9 @@ def list_checkpoints(directory: Path, *, as_json: bool = False, verify: bool = F
     parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in data["storage_bytes"].items() if v)
     console.print(f"storage: {parts}; total {human_bytes(data['total_bytes'])} "
                   f"(hard links counted once); free {human_bytes(data['free_bytes'])}", highlight=False)
+    if data.get("mirror_problem"):
+        console.print(f"[yellow]mirror {data['mirror']} unreachable:[/] {escape(data['mirror_problem'])}",
+                      highlight=False)
     if bad:
         console.print(f"[red]{bad} damaged checkpoint(s)[/]: `train --resume latest` skips them and says so")
     return 1 if bad else 0

@@ -93,13 +93,15 @@ class SavePoints:
             t.save_every = distributed.gather(t.dist, t.save_every)[0]  # rank 0 measured the cost
             distributed.barrier(t.dist)
 
-    def checkpoint(self, kinds: list[Kind], emergency_budget: float | None = None) -> list[SaveResult]:
+    def checkpoint(self, kinds: list[Kind], emergency_budget: float | None = None,
+                   since: float | None = None) -> list[SaveResult]:
         """Save the current state as `kinds`. Every rank calls this: gathering the state is collective.
 
         Rank 0 hands the state to the store. Under --fsdp every rank first starts writing its
         shards (DCP) into a staging directory that rank 0's store names: the loop waits only for
         their copy to host memory, and the store commits once every rank's files are durable.
-        An emergency save (`emergency_budget`, or None on a crash) is waited for; returns its results.
+        An emergency save (`emergency_budget` counted from `since`, or None on a crash) is waited for;
+        returns its results.
         """
         t = self.t
         started = time.perf_counter()
@@ -115,7 +117,7 @@ class SavePoints:
         options = dict(epoch=t.epoch, metrics=t.metrics_now(), args=self.cfg.stored_args(), shards=shards,
                        meta={"world_size": t.dist.world_size, "eval_step": t.last_eval_step})
         if Kind.EMERGENCY in kinds:
-            return t.manager.emergency_save(state, step=t.step, budget=emergency_budget,
+            return t.manager.emergency_save(state, step=t.step, budget=emergency_budget, since=since,
                                             stall_before=time.perf_counter() - started, **options)
         t.manager.save(state, step=t.step, kinds=kinds, stall_before=time.perf_counter() - started, **options)
         return []
@@ -197,12 +199,15 @@ class SavePoints:
             self.log([])
         return 0
 
-    def emergency_stop(self, signum: int) -> int:
+    def emergency_stop(self, signum: int, since: float | None = None) -> int:
+        """Write the emergency checkpoint; --emergency-budget counts from `since` (when this rank saw the
+        signal; now, on a rank that learned it from another)."""
         t = self.t
+        since = since if since is not None else time.monotonic()
         logger.warning("received %s: saving an emergency checkpoint at step %d", signal.Signals(signum).name, t.step)
         started = time.perf_counter()
         self.wait_for_saves()  # commits stay in order
-        results = self.checkpoint([Kind.EMERGENCY], emergency_budget=self.cfg.emergency_budget)
+        results = self.checkpoint([Kind.EMERGENCY], emergency_budget=self.cfg.emergency_budget, since=since)
         if t.manager is None:
             distributed.barrier(t.dist)  # rank 0 commits the one emergency checkpoint
             return 128 + signum

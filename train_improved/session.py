@@ -190,6 +190,11 @@ def _open_and_restore(pre: TrainConfig, resume: str | None
             if latest is not None:
                 raise CheckpointError(f"{directory} already holds checkpoints (up to step {latest}); pass "
                                       "--resume latest to continue that run, or choose another --checkpoint-dir")
+        if resume is None and remote is not None and (held := remote.manifest()):
+            # A new run would make the bucket's inventory two runs' at once: refused, as for the local store.
+            newest = max((e.step or 0) for e in held.values())
+            raise CheckpointError(f"the mirror {mask(remote.url)} already holds checkpoints (up to step {newest}); "
+                                  "pass --resume latest to continue that run, or choose another --mirror prefix")
     except BaseException:
         if manager is not None:
             manager.close(mirror_wait=0)

@@ -16,17 +16,23 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
 
 class GracefulStop:
-    """Context manager that turns stop signals into a flag and restores the old handlers on exit."""
+    """Turns stop signals into a flag; restores the old handlers when uninstalled.
+
+    As a context manager (`with GracefulStop() as stop:`), or in a flat script: `stop =
+    GracefulStop().install()` before the loop, `stop.uninstall()` after it.
+    """
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
         self.signals = signals
         self.signum: int | None = None
+        self.at: float | None = None  # time.monotonic() when the first stop signal arrived: budgets count from it
         self._previous: dict[int, object] = {}
 
     @property
@@ -35,7 +41,7 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
-            self.signum = signum
+            self.signum, self.at = signum, time.monotonic()
             return
         if signum == signal.SIGINT:
             os.write(2, b"\nsecond interrupt: stopping now without the emergency checkpoint; "
@@ -43,15 +49,23 @@ class GracefulStop:
             os._exit(130)
         # Repeated SIGTERM/SIGHUP/SIGUSR1 while stopping: already on our way out.
 
-    def __enter__(self) -> GracefulStop:
+    def install(self) -> GracefulStop:
+        """Handle the stop signals from now on (only the main thread can; elsewhere this does nothing)."""
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def uninstall(self) -> None:
+        """Give the signals their previous handlers back (SIGINT's stays ours once a stop was requested)."""
         for s, handler in self._previous.items():
             if s == signal.SIGINT and self.signum is not None:
                 continue  # stopping: until the process is gone, another Ctrl+C still means "now", not a traceback
             signal.signal(s, handler)  # type: ignore[arg-type]
         self._previous.clear()
+
+    def __enter__(self) -> GracefulStop:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()

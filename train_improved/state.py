@@ -41,4 +41,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
                          n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["torch_cuda"])
+        # One state per device of the saving machine: an elastic resume may see fewer (or more) devices.
+        # Each present device gets its own; the per-micro-batch manual_seed seeds every device anyway.
+        for device, device_state in enumerate(state["torch_cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device)

@@ -340,7 +340,7 @@ class Trainer:
                 saves.after_step(stop)
             signum = saves.agreed_signal(stop)
             if signum is not None:
-                return saves.emergency_stop(signum)
+                return saves.emergency_stop(signum, since=stop.at)
             return saves.finish()
         except Exception:
             saves.emergency_after_crash()

@@ -148,23 +148,34 @@ def _write_family(ctx: SaveContext, kind: Kind, path: Path, payload: dict[str, A
     """Write one checkpoint plus its family's backup; return the bytes it holds (shards included)."""
     d = ctx.directory
     backups = {Kind.ROLLING: [d / layout.ROLLING_BACKUP], Kind.BEST: [d / layout.BEST_BACKUP]}.get(kind, [])
-    # The old best gets a temporary name first; it becomes best_model_previous.pt only once the
-    # new best has its name, so that a failure anywhere before leaves all three as they were.
-    old_best = storage.link_to_temporary(path, d / layout.BEST_PREVIOUS) if kind is Kind.BEST and path.exists() \
-        else None
+    # The old best becomes best_model_previous.pt first, so that at every instant (a kill -9 included)
+    # it has a final name. If the new best then fails, the older previous is put back: nothing changed.
+    older: list[Path] = []  # the previous best_model_previous.pt, under a temporary name until committed
+    moved = kind is Kind.BEST and path.exists()
+    had_previous = (d / layout.BEST_PREVIOUS).exists()
+    if moved:
+        storage.link_checkpoint(path, d / layout.BEST_PREVIOUS, older)
     try:
         storage.write_checkpoint(path, payload, meta, verify=verify, copies=backups, shards=shards,
                                  displaced=displaced)
     except CheckpointError:
-        if old_best is not None:
-            delete(ctx, [old_best])
+        if moved:
+            _put_back_previous(ctx, older, had_previous)
         raise
-    if old_best is not None:
-        try:
-            storage.commit_temporary(old_best, d / layout.BEST_PREVIOUS, displaced)
-        except CheckpointError as e:  # the new best is committed; only the older one's new name failed
-            logger.warning("%s keeps the best before the previous one: %s", layout.BEST_PREVIOUS, e)
+    displaced.extend(older)
     return (1 + len(backups)) * fileformat.checkpoint_size(path)
+
+
+def _put_back_previous(ctx: SaveContext, older: list[Path], had_previous: bool) -> None:
+    """Undo the move of the old best to best_model_previous.pt after the new best failed."""
+    previous = ctx.directory / layout.BEST_PREVIOUS
+    try:
+        if older:
+            storage.commit_temporary(older[0], previous)
+        elif not had_previous:
+            storage.remove(previous)
+    except (CheckpointError, OSError) as e:  # the best itself is untouched; only the older previous is lost
+        logger.warning("%s could not be put back after the failed best save: %s", layout.BEST_PREVIOUS, e)
 
 
 def _point_latest_to(ctx: SaveContext, path: Path, step: int, displaced: list[Path]) -> None:

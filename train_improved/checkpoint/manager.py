@@ -281,26 +281,29 @@ class CheckpointManager:
         return clean
 
     def emergency_save(self, state: dict[str, Any], *, step: int, budget: float | None = None,
-                       **save_options: Any) -> list[SaveResult]:
+                       since: float | None = None, **save_options: Any) -> list[SaveResult]:
         """Save `state` as an EMERGENCY checkpoint now and wait for it; return every result finished.
 
         For a stop request (see `GracefulStop`): the save in flight is finished first, so commits
-        stay in order. With `budget` (seconds until the process is killed, e.g. SIGTERM's grace) a
-        save expected to take longer skips its read-back check; its digest is still checked on load.
+        stay in order. `budget`: seconds until the process is killed (SIGTERM's grace), counted from
+        `since` (a `time.monotonic()` value: `GracefulStop.at`, when the signal arrived; default now).
+        A save expected to take longer than what is left skips its read-back check (its digest is
+        still checked on load); the mirror's upload is awaited only within what is left after it.
         `save_options` are `save()`'s (epoch, metrics, meta, args, shards, stall_before).
         """
+        deadline = None if budget is None else (since if since is not None else time.monotonic()) + budget
         self._wait_inflight()
         verify = True
         expected = self.expected_save_seconds()
-        if budget is not None and expected is not None and expected > budget:
+        if deadline is not None and expected is not None and expected > deadline - time.monotonic():
             verify = False
-            logger.warning("an emergency save is expected to take %.1fs, over the budget of %.0fs: skipping its "
-                           "read-back verification (its checksum is still checked on load)", expected, budget)
-        started = time.monotonic()
+            logger.warning("an emergency save is expected to take %.1fs, over the %.1fs left of the budget of %.0fs: "
+                           "skipping its read-back verification (its checksum is still checked on load)", expected,
+                           max(0.0, deadline - time.monotonic()), budget)
         self.save(state, step=step, kinds=Kind.EMERGENCY, verify=verify, **save_options)
         results = self.wait_until_finished()
         if self.mirror is not None:  # the one save the loop waits for on the mirror, within what is left
-            left = max(0.0, budget - (time.monotonic() - started)) if budget is not None else 60.0
+            left = max(0.0, deadline - time.monotonic()) if deadline is not None else 60.0
             if not self.mirror.request(wait=left):
                 logger.warning("the emergency checkpoint did not reach the mirror within the budget; the mirror "
                                "holds up to step %s", self.mirror.mirrored_step)
