@@ -6,6 +6,7 @@ Each test names the defect it guards against; each failed on the code before the
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import signal
@@ -72,7 +73,7 @@ def test_a_run_whose_final_state_is_not_durable_does_not_exit_0(run_dir: Path, m
     assert read_footer(run_dir / "checkpoints" / "latest.pt")["step"] == 16
 
 
-def test_each_family_gets_the_disk_on_its_own_rolling_first(tmp_path: Path, monkeypatch) -> None:
+def test_each_family_gets_the_disk_on_its_own_files_before_copies(tmp_path: Path, monkeypatch) -> None:
     # Best and rolling were summed into one requirement, so both were skipped when either alone fitted.
     state = {"w": torch.zeros(64, 1024)}  # 256 KiB
     with CheckpointManager(tmp_path, CheckpointOptions(save_every=1)) as m:
@@ -82,8 +83,37 @@ def test_each_family_gets_the_disk_on_its_own_rolling_first(tmp_path: Path, monk
         monkeypatch.setattr(storage, "free_bytes", lambda d: int(2.5 * size))  # two files, not four
         assert m.save(state, step=2, kinds=[Kind.BEST, Kind.ROLLING], metrics={"val_loss": 1.0})
         results = {r.kind: r for r in m.wait_until_finished()}
-    assert results[Kind.ROLLING].error is None and results[Kind.BEST].skipped
-    assert (tmp_path / "rolling_step_000002.pt").exists() and not (tmp_path / "best_model.pt").exists()
+    assert results[Kind.ROLLING].error is None and results[Kind.BEST].error is None  # both states, no copies
+    assert results[Kind.ROLLING].bytes == results[Kind.ROLLING].file_bytes
+    assert not (tmp_path / "best_model_backup.pt").exists()
+    assert read_footer(tmp_path / "rolling_last_backup.pt")["step"] == 1  # the copy of step 2 was given up
+
+
+def test_a_nearly_full_disk_gives_up_redundancy_before_durability(tmp_path: Path, monkeypatch, caplog) -> None:
+    # A disk of 5.5 checkpoints: every save commits, first without its copy, then by deleting older rolling files.
+    state = {"w": torch.zeros(64, 1024)}
+    with CheckpointManager(tmp_path, CheckpointOptions(save_every=1, keep_rolling=5)) as m:
+        m.save(state, step=1)
+        m.wait_until_finished()
+        size = (tmp_path / "rolling_step_000001.pt").stat().st_size
+
+        def free(d: Path) -> int:  # what a real disk of that size would have left: each inode counted once
+            used = {p.stat().st_ino: p.stat().st_size for p in tmp_path.iterdir() if p.is_file()}
+            return int(5.5 * size) - sum(used.values())
+
+        monkeypatch.setattr(storage, "free_bytes", free)
+        with caplog.at_level(logging.WARNING):
+            for step in range(2, 7):
+                assert m.save(state, step=step)
+                (result,) = m.wait_until_finished()
+                assert result.error is None and m.latest().step == step  # nothing skipped: the newest state is durable
+    text = " ".join(caplog.text.split())
+    assert "for rolling_last_backup.pt, the independent copy of the rolling save at step 4" in text
+    assert "low on disk space: deleted rolling_step_000001.pt to make room for the save at step 5" in text
+    assert "skipping this save" not in text
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert any(r["event"] == "delete" and r.get("reason") == "low disk space" for r in history)
+    assert {p.name for p in tmp_path.glob("rolling_step_*")} >= {"rolling_step_000005.pt", "rolling_step_000006.pt"}
 
 
 def test_a_batch_log_has_timestamped_progress_per_interval_and_a_line_per_save(run_dir: Path) -> None:

@@ -37,6 +37,7 @@ class SaveContext:
     protected: frozenset[str]  # names retention must never delete (the file resumed from)
     best: BestTracker  # read here for the footers' `best` record; moved by the manager after the commit
     release: Callable[[Path], None]  # a staging directory handed out by the manager is gone
+    without_copy: frozenset[Kind] = frozenset()  # kinds saved without their independent copy (a nearly full disk)
 
 
 def commit(ctx: SaveContext, snapshot: dict[str, Any], step: int, epoch: int | None, kinds: Sequence[Kind],
@@ -148,6 +149,8 @@ def _write_family(ctx: SaveContext, kind: Kind, path: Path, payload: dict[str, A
     """Write one checkpoint plus its family's backup; return the bytes it holds (shards included)."""
     d = ctx.directory
     backups = {Kind.ROLLING: [d / layout.ROLLING_BACKUP], Kind.BEST: [d / layout.BEST_BACKUP]}.get(kind, [])
+    if kind in ctx.without_copy:
+        backups = []
     # The old best becomes best_model_previous.pt first, so that at every instant (a kill -9 included)
     # it has a final name. If the new best then fails, the older previous is put back: nothing changed.
     older: list[Path] = []  # the previous best_model_previous.pt, under a temporary name until committed
@@ -196,9 +199,10 @@ def _point_latest_to(ctx: SaveContext, path: Path, step: int, displaced: list[Pa
     storage.link_checkpoint(path, latest, displaced)
 
 
-def prune(ctx: SaveContext, kind: Kind, step: int) -> list[str]:
-    """Apply the family's retention; a file that cannot be deleted is a warning, never a failed save."""
-    keep = {Kind.ROLLING: ctx.options.keep_rolling, Kind.EMERGENCY: ctx.options.keep_emergency}.get(kind)
+def prune(ctx: SaveContext, kind: Kind, step: int, keep: int | None = None) -> list[str]:
+    """Apply the family's retention (or keep only the newest `keep`); a file that cannot be deleted is a
+    warning, never a failed save."""
+    keep = keep or {Kind.ROLLING: ctx.options.keep_rolling, Kind.EMERGENCY: ctx.options.keep_emergency}.get(kind)
     if keep is None:
         return []  # best and epoch files are never rotated
     family = Family.ROLLING if kind is Kind.ROLLING else Family.EMERGENCY

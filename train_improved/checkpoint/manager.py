@@ -61,6 +61,8 @@ from .validation import check_meta, check_plain_data, clean_metrics
 
 logger = logging.getLogger("train_improved.checkpoint")
 _SPACE_PRIORITY = (Kind.EMERGENCY, Kind.ROLLING, Kind.EPOCH, Kind.BEST)  # who gets the disk when it is short
+_WITH_COPY = (Kind.ROLLING, Kind.BEST)  # kinds written with an independent copy (rolling_last_backup, best_model_backup)
+_LOW_DISK_ROLLING = 2  # rolling checkpoints kept, whatever --keep-checkpoints says, when a save would not fit
 
 
 class CheckpointManager:
@@ -245,8 +247,9 @@ class CheckpointManager:
             self._wait_inflight()  # at most one save in flight: staging buffers are reused
         if Kind.BEST in todo and not self.is_improvement(metrics):
             todo.remove(Kind.BEST)
+        without_copy: frozenset[Kind] = frozenset()
         if todo:
-            todo = self._room_for(state, todo, step, shards)
+            todo, without_copy = self._room_for(state, todo, step, shards)
         if not todo:
             if isinstance(shards, PendingShards):
                 self._writer().submit(commit.discard, self._context(), shards)  # delete it once written
@@ -257,8 +260,8 @@ class CheckpointManager:
             self._best.propose(metrics[self.options.metric], step)
         snapshot = self._stage(state) if self.options.async_save else state
         stall = time.perf_counter() - started
-        self._inflight = self._writer().submit(commit.commit, self._context(), snapshot, step, epoch, todo, metrics,
-                                               footer_meta, stall, verify, shards)
+        self._inflight = self._writer().submit(commit.commit, self._context(without_copy), snapshot, step, epoch, todo,
+                                               metrics, footer_meta, stall, verify, shards)
         if not self.options.async_save:
             self._wait_inflight()
             for r in self._done:
@@ -330,15 +333,16 @@ class CheckpointManager:
             return None
         return self._last_file_bytes / self.write_bandwidth
 
-    def _context(self) -> commit.SaveContext:
-        """What the writer thread needs to commit a save, fixed now."""
+    def _context(self, without_copy: frozenset[Kind] = frozenset()) -> commit.SaveContext:
+        """What the writer thread needs to commit a save, fixed now (`without_copy`: kinds the disk has no room
+        to copy)."""
         parent = None
         if self._resumed is not None and self._parent_path is not None:
             resumed_line = Line.of(self._resumed)
             parent = {"run": resumed_line.run if resumed_line else None, "step": self._resumed.get("step"),
                       "name": self._resumed.get("name", self._parent_path.name)}
         return commit.SaveContext(self.directory, self.options, self._line, parent, self._parent_path,
-                                  frozenset(self._protected), self._best, self._live.discard)
+                                  frozenset(self._protected), self._best, self._live.discard, without_copy)
 
     def _writer(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -391,39 +395,64 @@ class CheckpointManager:
     # ----------------------------------------------------------------------------- disk space
 
     def _room_for(self, state: dict[str, Any], kinds: list[Kind], step: int,
-                  shards: Shards | PendingShards | None) -> list[Kind]:
-        """The kinds whose files fit on the disk, each family checked on its own (see _SPACE_PRIORITY)."""
+                  shards: Shards | PendingShards | None) -> tuple[list[Kind], frozenset[Kind]]:
+        """The kinds whose files fit on the disk, and those of them whose independent copy fits too.
+
+        Durability before redundancy: every kind's own file first (in _SPACE_PRIORITY's order), then
+        the copies of rolling and best saves with what is left. When something does not fit: temporary
+        files and what retention allows are removed; if a file still does not fit, the oldest rolling
+        checkpoints beyond the newest two (_LOW_DISK_ROLLING) too. Each step is said.
+        """
         # The last file written, else this state's tensors plus framing (and its shards).
         shard_bytes = shards.bytes if isinstance(shards, Shards) else shards.expected_bytes if shards else 0
         per_file = self._last_file_bytes or tensor_bytes(state) + (1 << 16) + shard_bytes
-        needs = {k: (2 if k in (Kind.ROLLING, Kind.BEST) else 1) * per_file for k in kinds}
 
-        def fitting(free: int) -> list[Kind]:
-            budget, chosen = free - self.options.min_free_bytes, []
+        def fitting(free: int) -> tuple[list[Kind], list[Kind]]:
+            budget, files, copies = free - self.options.min_free_bytes, [], []
             for k in sorted(kinds, key=_SPACE_PRIORITY.index):
-                if needs[k] <= budget:
-                    chosen.append(k)
-                    budget -= needs[k]
-            return chosen
+                if per_file <= budget:
+                    files.append(k)
+                    budget -= per_file
+            for k in sorted(files, key=_SPACE_PRIORITY.index):
+                if k in _WITH_COPY and per_file <= budget:
+                    copies.append(k)
+                    budget -= per_file
+            return files, copies
 
-        chosen = fitting(storage.free_bytes(self.directory))
-        if len(chosen) < len(kinds):
+        def enough(files: list[Kind], copies: list[Kind]) -> bool:
+            return len(files) == len(kinds) and len(copies) == sum(k in _WITH_COPY for k in kinds)
+
+        files, copies = fitting(storage.free_bytes(self.directory))
+        if not enough(files, copies):
             storage.clean_temp_files(self.directory, keep=self._live)
             for kind in (Kind.ROLLING, Kind.EMERGENCY):
                 for gone in commit.prune(self._context(), kind, step):
                     commit.history(self.directory, {"event": "delete", "name": gone, "kind": kind.value, "step": step})
-            free = storage.free_bytes(self.directory)
-            chosen = fitting(free)
-            for k in kinds:
-                if k in chosen:
-                    continue
-                msg = (f"not enough free space in {self.directory}: {human_bytes(free)} free, a {k.value} save at "
-                       f"step {step} needs {human_bytes(needs[k])} plus --min-free-space "
-                       f"{human_bytes(self.options.min_free_bytes)}; skipping this save (earlier checkpoints are intact)")
-                logger.warning("%s", msg)
-                commit.history(self.directory, {"event": "skipped", "step": step, "kinds": [k.value], "free": free})
-                self._done.append(SaveResult(k, "", step, error=msg, skipped=True))
-        return [k for k in kinds if k in chosen]
+            files, copies = fitting(storage.free_bytes(self.directory))
+        if len(files) < len(kinds):  # the newest state matters most: older rolling files make room for it
+            for gone in commit.prune(self._context(), Kind.ROLLING, step, keep=_LOW_DISK_ROLLING):
+                logger.warning("low on disk space: deleted %s to make room for the save at step %d (the newest %d "
+                               "rolling checkpoints are kept)", gone, step, _LOW_DISK_ROLLING)
+                commit.history(self.directory, {"event": "delete", "name": gone, "kind": "rolling", "step": step,
+                                                "reason": "low disk space"})
+            files, copies = fitting(storage.free_bytes(self.directory))
+        free = storage.free_bytes(self.directory)
+        for k in kinds:
+            if k in files:
+                if k in _WITH_COPY and k not in copies:
+                    copy = layout.ROLLING_BACKUP if k is Kind.ROLLING else layout.BEST_BACKUP
+                    logger.warning("not enough free space in %s for %s, the independent copy of the %s save at step "
+                                   "%d (%s free, --min-free-space %s): the checkpoint is written without it",
+                                   self.directory, copy, k.value, step, human_bytes(free),
+                                   human_bytes(self.options.min_free_bytes))
+                continue
+            msg = (f"not enough free space in {self.directory}: {human_bytes(free)} free, a {k.value} save at "
+                   f"step {step} needs {human_bytes(per_file)} plus --min-free-space "
+                   f"{human_bytes(self.options.min_free_bytes)}; skipping this save (earlier checkpoints are intact)")
+            logger.warning("%s", msg)
+            commit.history(self.directory, {"event": "skipped", "step": step, "kinds": [k.value], "free": free})
+            self._done.append(SaveResult(k, "", step, error=msg, skipped=True))
+        return [k for k in kinds if k in files], frozenset(k for k in kinds if k in _WITH_COPY and k not in copies)
 
     def storage_summary(self) -> str:
         """One line: storage used per family (hard links counted once), total, and free space."""
