@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -367,3 +368,16 @@ def test_graceful_stop_installs_without_a_with_block_for_flat_scripts() -> None:
     assert stop.signum == signal.SIGUSR1 and stop.at is not None and stop.at <= time.monotonic()
     stop.uninstall()
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_the_documented_mirror_example_resumes_from_the_mirror_alone(tmp_path: Path, monkeypatch) -> None:
+    from train_improved.checkpoint import RemoteStore
+
+    section = CHECKPOINTING.split("**The second tier from your own loop.**", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S)[1]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "CHECKPOINTING.md", "exec"), {"__name__": "__main__"})
+    shutil.rmtree(tmp_path / "checkpoints")  # the machine is gone
+    exec(compile(code, "CHECKPOINTING.md", "exec"), {"__name__": "__main__"})
+    manifest = RemoteStore.open(f"file://{tmp_path / 'bucket' / 'run1'}").manifest()
+    assert manifest["latest.pt"].step == 60 and (tmp_path / "checkpoints" / "rolling_step_000030.pt").exists()

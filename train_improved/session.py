@@ -36,7 +36,7 @@ def checkpoint_options(cfg: TrainConfig) -> CheckpointOptions:
         keep_rolling=cfg.keep_checkpoints, keep_emergency=cfg.keep_emergency_checkpoints,
         save_every=cfg.checkpoint_freq if isinstance(cfg.checkpoint_freq, int) else None,
         metric=cfg.metric, mode=cfg.mode, min_free_bytes=cfg.min_free_space,  # type: ignore[arg-type]
-        async_save=cfg.async_save,
+        async_save=cfg.async_save, mirror=cfg.mirror, mirror_options=cfg.mirror_storage_options(),
     )
 
 
@@ -75,7 +75,7 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
     from .signals import GracefulStop
     from .trainer import NoProgress, Trainer
 
-    manager, state, info, remote = _choose_checkpoint(d, pre, resume)
+    manager, state, info = _choose_checkpoint(d, pre, resume)
     code = 1
     try:
         stored = None
@@ -96,15 +96,11 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
             trainer.load_state_dict(state, info.path)
         elif init_from is not None:
             _load_weights(trainer, Path(init_from).expanduser())
-        if d.is_main:
-            if cfg.mirror and (remote is None or remote.url != cfg.mirror):
-                remote = RemoteStore.open(cfg.mirror, cfg.mirror_storage_options())  # before anything is written
+        if d.is_main:  # a mirror is checked before anything is written; the first save takes its prefix
             if manager is None:
                 manager = CheckpointManager(cfg.checkpoint_dir, checkpoint_options(cfg))
             else:
                 manager.options = checkpoint_options(cfg)  # opened with the options known before the checkpoint's
-            if cfg.mirror:
-                manager.attach_mirror(remote)
         metrics = MetricsLogger(cfg.metrics_path, tensorboard_dir=Path(cfg.log_dir) if cfg.use_tensorboard else None,
                                 enabled=d.is_main)
         try:
@@ -140,18 +136,18 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
 
 
 def _choose_checkpoint(d: distributed.Dist, pre: TrainConfig, resume: str | None
-                       ) -> tuple[CheckpointManager | None, dict[str, Any] | None, Any, RemoteStore | None]:
+                       ) -> tuple[CheckpointManager | None, dict[str, Any] | None, Any]:
     """Rank 0 locks the directory and picks the file (with fallback); the other ranks load that file."""
-    manager, state, info, remote, error = None, None, None, None, None
+    manager, state, info, error = None, None, None, None
     if d.is_main:
         try:
-            manager, state, info, remote = _open_and_restore(pre, resume)
+            manager, state, info = _open_and_restore(pre, resume)
         except (CheckpointError, ConfigError, DataError) as e:
             error = e
     if not d.enabled:
         if error is not None:
             raise error
-        return manager, state, info, remote
+        return manager, state, info
     path, failed = distributed.gather(d, (str(info.path) if info else None, error is not None))[0]
     if error is not None:
         raise error
@@ -160,26 +156,28 @@ def _choose_checkpoint(d: distributed.Dist, pre: TrainConfig, resume: str | None
     if not d.is_main and path is not None:
         state, _ = load_checkpoint(Path(path), shards=False)  # rank 0 has just verified every shard file
         info = describe(Path(path))
-    return manager, state, info, remote
+    return manager, state, info
 
 
 def _open_and_restore(pre: TrainConfig, resume: str | None
-                      ) -> tuple[CheckpointManager | None, dict[str, Any] | None, Any, RemoteStore | None]:
+                      ) -> tuple[CheckpointManager | None, dict[str, Any] | None, Any]:
     """Lock the directory and restore `resume` along the fallback chain, the local store first, then the mirror."""
     directory = Path(pre.checkpoint_dir)
-    # Checked before anything is written: a mirror that cannot be used is one line and exit 1.
-    remote = RemoteStore.open(pre.mirror, pre.mirror_storage_options()) if pre.mirror else None
     manager, state, info = None, None, None
     try:
-        if resume is not None and (directory.is_dir() or resume not in ("latest", "best", "auto") or remote):
-            manager = CheckpointManager(directory, checkpoint_options(pre))  # the lock comes before reading
+        if resume is not None and (directory.is_dir() or resume not in ("latest", "best", "auto") or pre.mirror):
+            manager = CheckpointManager(directory, checkpoint_options(pre))  # the mirror is checked, then the lock
             which = "latest" if resume == "auto" else resume
             if "://" in which:  # one object of a mirror: --resume s3://bucket/run/rolling_step_000500.pt
                 url, name = which.rsplit("/", 1)
                 source = RemoteStore.open(url, pre.mirror_storage_options(), check_writable=False)
                 state, info = manager.restore(source.fetch(name, directory))
             else:
-                state, info = _restore_across_tiers(manager, which, remote, fresh_ok=resume == "auto")
+                try:
+                    state, info = manager.restore(which)  # the local store's chain, then the mirror's
+                except NoCheckpointError:
+                    if resume != "auto":
+                        raise
         if resume in ("latest", "best") and state is None:
             raise CheckpointError(f"no checkpoint to resume from in {directory}; run without --resume to "
                                   "start, or use --resume auto in job scripts")
@@ -190,38 +188,19 @@ def _open_and_restore(pre: TrainConfig, resume: str | None
             if latest is not None:
                 raise CheckpointError(f"{directory} already holds checkpoints (up to step {latest}); pass "
                                       "--resume latest to continue that run, or choose another --checkpoint-dir")
-        if resume is None and remote is not None and (held := remote.manifest()):
-            # A new run would make the bucket's inventory two runs' at once: refused, as for the local store.
-            newest = max((e.step or 0) for e in held.values())
-            raise CheckpointError(f"the mirror {mask(remote.url)} already holds checkpoints (up to step {newest}); "
-                                  "pass --resume latest to continue that run, or choose another --mirror prefix")
+        if resume is None and pre.mirror:
+            remote = RemoteStore.open(pre.mirror, pre.mirror_storage_options())  # before anything is written
+            if held := remote.manifest():
+                # A new run would make the bucket's inventory two runs' at once: refused, as for the local store.
+                newest = max((e.step or 0) for e in held.values())
+                raise CheckpointError(f"the mirror {mask(remote.url)} already holds checkpoints (up to step "
+                                      f"{newest}); pass --resume latest to continue that run, or choose another "
+                                      "--mirror prefix")
     except BaseException:
         if manager is not None:
             manager.close(mirror_wait=0)
         raise
-    return manager, state, info, remote
-
-
-def _restore_across_tiers(manager: CheckpointManager, which: str, remote: RemoteStore | None, *, fresh_ok: bool
-                          ) -> tuple[dict[str, Any] | None, Any]:
-    """The local store's fallback chain, then (with a mirror) the mirror's: a new machine resumes from the bucket."""
-    try:
-        return manager.restore(which)
-    except CheckpointError as e:
-        empty = isinstance(e, NoCheckpointError)
-        if remote is None:
-            if empty and fresh_ok:
-                return None, None
-            raise
-        logging.getLogger("train_improved").warning(
-            "%s: trying the mirror %s", "the local store holds no checkpoint" if empty else
-            "no valid checkpoint in the local store", mask(remote.url))
-    try:
-        return manager.restore(remote.fetch(which, manager.directory))
-    except NoCheckpointError:
-        if fresh_ok:
-            return None, None
-        raise
+    return manager, state, info
 
 
 def _footer_args(path: Path) -> dict[str, Any] | None:

@@ -1,6 +1,7 @@
 """The checkpoint store: public API (documented in CHECKPOINTING.md).
 
     from train_improved.checkpoint import CheckpointManager, CheckpointOptions, GracefulStop, Kind
+    CheckpointOptions(mirror="s3://bucket/run1")   # a second tier: restore() falls back to it, saves go up to it
 """
 
 from ..signals import GracefulStop
@@ -16,6 +17,7 @@ from .fileformat import (
 from .layout import Family, Kind
 from .manager import CheckpointManager
 from .records import CheckpointInfo, CheckpointOptions, NoCheckpointError, SaveResult, describe
+from .remote import MirrorError, MirrorFenced, RemoteStore
 from .validation import RESERVED_META_KEYS
 
 __all__ = [
@@ -29,7 +31,10 @@ __all__ = [
     "Family",
     "GracefulStop",
     "Kind",
+    "MirrorError",
+    "MirrorFenced",
     "NoCheckpointError",
+    "RemoteStore",
     "SaveResult",
     "UnsafeCheckpointError",
     "describe",

@@ -56,6 +56,7 @@ from .records import (
     scan,
     tensor_bytes,
 )
+from .remote import RemoteStore, mask
 from .storage import PendingShards, Shards
 from .validation import check_meta, check_plain_data, clean_metrics
 
@@ -71,6 +72,10 @@ class CheckpointManager:
     A writing manager holds an exclusive lock on the directory for its lifetime; pass
     `read_only=True` to inspect or restore without it (the lister, tools, non-zero ranks). A
     read-only manager on a directory that does not exist yet sees no checkpoints.
+
+    With `options.mirror`, the URL is checked when the manager opens (MirrorError, one line), a
+    writing manager's `restore()` falls back to the mirror, and its first `save()` starts the
+    uploader, which takes the prefix over from any older writer (see `mirror`).
     """
 
     def __init__(self, directory: str | Path, options: CheckpointOptions | None = None,
@@ -92,8 +97,12 @@ class CheckpointManager:
         self._parent_path: Path | None = None  # the checkpoint restored from (recorded in every footer)
         self._resumed: dict[str, Any] | None = None  # its footer, which seeds best tracking
         self._best = BestTracker(self._options.metric, self._options.mode)  # the store's one best tracker
-        self.mirror: Any = None  # the second tier's uploader (mirror.Mirror), once attach_mirror() is called
+        self.remote: Any = None  # the second tier (remote.RemoteStore), from options.mirror
+        self.mirror: Any = None  # its background uploader (mirror.Mirror), in a writing manager
         self._mirror_events: deque[dict[str, Any]] = deque()  # appended by the uploader's thread
+        if self._options.mirror:  # checked before anything is written: MirrorError in one line if unusable
+            self.remote = RemoteStore.open(self._options.mirror, self._options.mirror_options,
+                                           check_writable=not read_only)
         if not read_only:
             self._open_for_writing()
         self._seed_best()
@@ -138,8 +147,14 @@ class CheckpointManager:
 
     @options.setter
     def options(self, options: CheckpointOptions) -> None:
-        """New options apply from the next save; a changed metric or mode re-seeds best tracking."""
+        """New options apply from the next save; a changed metric or mode re-seeds best tracking; a mirror
+        given now is opened now (the mirror of a manager cannot change: open a new manager)."""
+        if self._options.mirror and options.mirror != self._options.mirror:
+            raise ValueError(f"this manager mirrors to {self._options.mirror}: its mirror cannot change")
+        mirror_now = options.mirror and not self._options.mirror
         self._options = options
+        if mirror_now:
+            self.remote = RemoteStore.open(options.mirror, options.mirror_options, check_writable=not self.read_only)
         self._seed_best()
         if self.mirror is not None:
             self.mirror.keep_rolling, self.mirror.keep_emergency = options.keep_rolling, options.keep_emergency
@@ -243,6 +258,8 @@ class CheckpointManager:
         check_meta(meta)
         footer_meta = dict(meta or {}, **({"args": args} if args is not None else {}))
         metrics = self._check(state, step, epoch, todo, metrics, footer_meta)
+        if self.remote is not None and self.mirror is None:
+            self.attach_mirror(self.remote)  # the first save takes the mirror's prefix (one writer per prefix)
         if todo:
             self._wait_inflight()  # at most one save in flight: staging buffers are reused
         if Kind.BEST in todo and not self.is_improvement(metrics):
@@ -313,8 +330,13 @@ class CheckpointManager:
         return results
 
     def attach_mirror(self, remote: Any) -> None:
-        """Mirror every committed save to `remote` (a `mirror.RemoteStore`) from a background uploader."""
+        """Mirror every committed save to `remote` (a `remote.RemoteStore`) from a background uploader.
+
+        `CheckpointOptions(mirror=URL)` does this when the manager opens; this is for a store you opened.
+        """
         from .mirror import Mirror
+
+        self.remote = remote
 
         self.mirror = Mirror(remote, self.directory, on_sync=self._mirror_events.append, writer=self.run_id,
                              keep_rolling=self.options.keep_rolling, keep_emergency=self.options.keep_emergency)
@@ -479,13 +501,28 @@ class CheckpointManager:
                 safe_globals: Sequence[Any] = ()) -> tuple[dict[str, Any], CheckpointInfo]:
         """Load a verified state; fall back loudly along the chain of SPEC §5. Returns (state, info).
 
-        "latest" is the newest valid checkpoint on the current line of training. `map_location` is
+        "latest" is the newest valid checkpoint on the current line of training. With a mirror
+        (`options.mirror`), a writing manager whose local chain has nothing valid (a new machine)
+        continues on the mirror's chain: downloaded, verified, kept in the directory under its own
+        name (never one the next save replaces), said in a warning. `map_location` is
         torch.load's. `safe_globals`: classes you saved deliberately, allowed on top of plain data
         and `options.safe_globals`. Raises NoCheckpointError if there is nothing to restore and
         CheckpointError if every candidate fails verification. A writing manager records each
         failed verification in history.jsonl (the lister shows it) and continues the restored
         checkpoint's line of training: its best so far, and latest_backup.pt.
         """
+        try:
+            return self._restore_local(which, map_location, safe_globals)
+        except CheckpointError as e:
+            if self.remote is None or self.read_only or layout.is_explicit_path(str(which)):
+                raise
+            logger.warning("%s: trying the mirror %s", "the local store holds no checkpoint"
+                           if isinstance(e, NoCheckpointError) else "no valid checkpoint in the local store",
+                           mask(self.remote.url))
+        return self._restore_local(self.remote.fetch(str(which), self.directory), map_location, safe_globals)
+
+    def _restore_local(self, which: str | Path, map_location: Any, safe_globals: Sequence[Any]
+                       ) -> tuple[dict[str, Any], CheckpointInfo]:
         if not self.directory.is_dir():
             raise NoCheckpointError(f"checkpoint directory {self.directory} does not exist")
         chain = fallback.candidates(self.directory, which, self.all() if which == "latest" else [])

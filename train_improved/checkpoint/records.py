@@ -30,6 +30,8 @@ class CheckpointOptions:
     async_save: bool = True  # stage to reused host buffers, write in a background thread
     storage_report_every: int = 10  # log storage per family every N saves
     safe_globals: tuple[Any, ...] = ()  # your own classes, allowed in a state on save and on restore
+    mirror: str | None = None  # a second tier that survives the machine: any fsspec URL (s3://bucket/run, file://...)
+    mirror_options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options for it; never stored
 
     def __post_init__(self) -> None:
         problems = []

@@ -84,20 +84,20 @@ class RemoteStore:
         """Connect and check the mirror; raise MirrorError with one line if it cannot be used."""
         shown = mask(url)
         if "://" not in url:
-            raise MirrorError(f"--mirror {shown}: expected a URL such as s3://bucket/prefix or file:///path")
+            raise MirrorError(f"mirror {shown}: expected a URL such as s3://bucket/prefix or file:///path")
         protocol = url.split("://", 1)[0]
         try:
             import fsspec
         except ImportError:
-            raise MirrorError("--mirror needs fsspec, a dependency of train_improved: pip install fsspec") from None
+            raise MirrorError("a mirror needs fsspec, a dependency of train_improved: pip install fsspec") from None
         try:
             fs, root = fsspec.core.url_to_fs(url, **(options or {}))
         except ImportError:
             extra = _EXTRAS.get(protocol, protocol)
-            raise MirrorError(f'--mirror {shown}: the {protocol}:// protocol needs an extra: '
+            raise MirrorError(f'mirror {shown}: the {protocol}:// protocol needs an extra: '
                               f'pip install "train_improved[{extra}]"') from None
         except (ValueError, TypeError) as e:
-            raise MirrorError(f"--mirror {shown}: {one_line(e)}") from None
+            raise MirrorError(f"mirror {shown}: {one_line(e)}") from None
         store = cls(fs, root, url)
         try:
             if check_writable and _is_local(fs):  # a filesystem needs its directories (an object store does not)
@@ -113,7 +113,7 @@ class RemoteStore:
                 except FileNotFoundError:
                     pass  # nothing written under this prefix yet: an empty mirror
         except Exception as e:  # noqa: BLE001 - any failure here is the user's URL, bucket or credentials
-            raise MirrorError(f"--mirror {shown}: cannot {'write' if check_writable else 'read'} there: "
+            raise MirrorError(f"mirror {shown}: cannot {'write' if check_writable else 'read'} there: "
                               f"{one_line(e)}") from None
         return store
 
