@@ -1,8 +1,10 @@
 """One file to S3 in one read, in concurrent parts, every byte checked by the server's own MD5.
 
-S3 answers a PUT, and each part of a multipart upload, with an ETag that is the MD5 of the bytes it
-stored (for objects not encrypted with KMS or customer keys); a completed multipart object's ETag
-is the MD5 of its parts' MD5s, then "-N". Comparing them with the MD5s of the bytes read here
+Every PUT and part carries Content-MD5, so S3 refuses bytes damaged on the way before an object
+exists (moto's server does not check it: its ETags do). S3 then answers a PUT, and each part of a
+multipart upload, with an ETag that is the MD5 of the bytes it stored (for objects not encrypted
+with KMS or customer keys); a completed multipart object's ETag is the MD5 of its parts' MD5s,
+then "-N". Comparing them with the MD5s of the bytes read here
 proves the object holds exactly those bytes: what a streamed read-back would prove, without the
 second transfer. Where the ETags are not such MD5s, ServerChecksumMismatch says so and the caller
 verifies another way.
@@ -51,10 +53,9 @@ def put(fs: Any, remote: str, src: BinaryIO, size: int, on_bytes: Callable[[byte
         body = _read(src, size)
         on_bytes(body)
         before_commit()
-        with ThreadPoolExecutor(1, "checkpoint-mirror-md5", initializer=yield_cpu_to_training) as pool:
-            md5 = pool.submit(lambda: hashlib.md5(body, usedforsecurity=False).hexdigest())  # while it travels
-            etag = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body)["ETag"]
-        if _unquote(etag) != md5.result():
+        md5 = hashlib.md5(body, usedforsecurity=False)
+        etag = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, ContentMD5=_b64(md5))["ETag"]
+        if _unquote(etag) != md5.hexdigest():
             _remove(fs, bucket, key)
             raise ServerChecksumMismatch(f"{remote}: the server's ETag {etag} is not the MD5 of the bytes sent")
         return
@@ -81,7 +82,7 @@ def _put_parts(fs: Any, bucket: str, key: str, upload_id: str, src: BinaryIO, si
     def send(number: int, body: bytes) -> bytes:  # hashed here: the parts' MD5s are computed in parallel
         md5 = hashlib.md5(body, usedforsecurity=False)
         etag = fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                          Body=body)["ETag"]
+                          Body=body, ContentMD5=_b64(md5))["ETag"]
         if _unquote(etag) != md5.hexdigest():
             raise ServerChecksumMismatch(f"part {number}: the server's ETag {etag} is not the MD5 of the bytes sent")
         return md5.digest()
@@ -136,10 +137,10 @@ def put_if(fs: Any, remote: str, body: bytes, etag: str | None) -> str:
     PreconditionFailed when another writer replaced (or removed) the object since.
     """
     bucket, key, _ = fs.split_path(remote)
-    md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
     condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
     try:
-        return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, ContentMD5=md5, **condition)["ETag"]
+        return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body,
+                          ContentMD5=_b64(hashlib.md5(body, usedforsecurity=False)), **condition)["ETag"]
     except (FileExistsError, FileNotFoundError) as e:  # s3fs's words for If-None-Match, and If-Match on no object
         raise PreconditionFailed(str(e)) from None
     except OSError as e:
@@ -165,6 +166,11 @@ def _read(src: BinaryIO, n: int) -> bytes:
     if len(body) != n:
         raise OSError(f"the file ended {n - len(body)} bytes early while being uploaded")
     return body
+
+
+def _b64(md5: Any) -> str:
+    """Content-MD5: S3 refuses the request (BadDigest) when the bytes that arrive have another MD5."""
+    return base64.b64encode(md5.digest()).decode()
 
 
 def _unquote(etag: str) -> str:
