@@ -158,7 +158,7 @@ class RemoteStore:
 
     def _read_manifest_bytes(self) -> tuple[bytes | None, str | None]:
         path = self._path(MANIFEST)
-        if self.server_md5 or s3_upload.supports(self.fs):
+        if s3_upload.supports(self.fs):  # the ETag of the very version read: what a conditional write names
             got = s3_upload.get_with_etag(self.fs, path)
             return got if got is not None else (None, None)
         try:
