@@ -230,3 +230,11 @@ def test_when_every_checkpoint_is_damaged_the_error_summarizes_then_lists(run_di
     assert out.returncode == 1 and "all 7 failed verification" in lines[summary] and len(lines[summary]) < 200
     assert all(line.startswith("  ") and ".pt: " in line for line in lines[summary + 1:]) and \
         len(lines) - summary - 1 == 7
+
+
+def test_the_disk_plan_puts_every_state_before_any_copy() -> None:
+    from train_improved.checkpoint.space import fit
+
+    assert fit([Kind.BEST, Kind.ROLLING], per_file=10, budget=25) == ([Kind.ROLLING, Kind.BEST], [])
+    assert fit([Kind.BEST, Kind.ROLLING], per_file=10, budget=35) == ([Kind.ROLLING, Kind.BEST], [Kind.ROLLING])
+    assert fit([Kind.EPOCH, Kind.EMERGENCY], per_file=10, budget=15) == ([Kind.EMERGENCY], [])

@@ -39,12 +39,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import commit, fallback, fileformat, layout, storage
+from . import commit, fallback, fileformat, layout, space, storage
 from .best import BestTracker
 from .fileformat import CheckpointError
 from .layout import Family, Kind
 from .lineage import Line, new_run_id
 from .lock import DirectoryLock
+from .mirror import Mirror
 from .records import (
     CheckpointInfo,
     CheckpointOptions,
@@ -61,9 +62,6 @@ from .storage import PendingShards, Shards
 from .validation import check_meta, check_plain_data, clean_metrics
 
 logger = logging.getLogger("train_improved.checkpoint")
-_SPACE_PRIORITY = (Kind.EMERGENCY, Kind.ROLLING, Kind.EPOCH, Kind.BEST)  # who gets the disk when it is short
-_WITH_COPY = (Kind.ROLLING, Kind.BEST)  # kinds written with an independent copy (rolling_last_backup, best_model_backup)
-_LOW_DISK_ROLLING = 2  # rolling checkpoints kept, whatever --keep-checkpoints says, when a save would not fit
 
 
 class CheckpointManager:
@@ -97,8 +95,8 @@ class CheckpointManager:
         self._parent_path: Path | None = None  # the checkpoint restored from (recorded in every footer)
         self._resumed: dict[str, Any] | None = None  # its footer, which seeds best tracking
         self._best = BestTracker(self._options.metric, self._options.mode)  # the store's one best tracker
-        self.remote: Any = None  # the second tier (remote.RemoteStore), from options.mirror
-        self.mirror: Any = None  # its background uploader (mirror.Mirror), in a writing manager
+        self.remote: RemoteStore | None = None  # the second tier, from options.mirror
+        self.mirror: Mirror | None = None  # its background uploader, started by a writing manager's first save
         self._mirror_events: deque[dict[str, Any]] = deque()  # appended by the uploader's thread
         if self._options.mirror:  # checked before anything is written: MirrorError in one line if unusable
             self.remote = RemoteStore.open(self._options.mirror, self._options.mirror_options,
@@ -329,13 +327,11 @@ class CheckpointManager:
                                "holds up to step %s", self.mirror.mirrored_step)
         return results
 
-    def attach_mirror(self, remote: Any) -> None:
+    def attach_mirror(self, remote: RemoteStore) -> None:
         """Mirror every committed save to `remote` (a `remote.RemoteStore`) from a background uploader.
 
         `CheckpointOptions(mirror=URL)` does this when the manager opens; this is for a store you opened.
         """
-        from .mirror import Mirror
-
         self.remote = remote
 
         self.mirror = Mirror(remote, self.directory, on_sync=self._mirror_events.append, writer=self.run_id,
@@ -418,50 +414,36 @@ class CheckpointManager:
 
     def _room_for(self, state: dict[str, Any], kinds: list[Kind], step: int,
                   shards: Shards | PendingShards | None) -> tuple[list[Kind], frozenset[Kind]]:
-        """The kinds whose files fit on the disk, and those of them whose independent copy fits too.
+        """The kinds whose files fit on the disk, and those of them saved without their copy (see `space`).
 
-        Durability before redundancy: every kind's own file first (in _SPACE_PRIORITY's order), then
-        the copies of rolling and best saves with what is left. When something does not fit: temporary
-        files and what retention allows are removed; if a file still does not fit, the oldest rolling
-        checkpoints beyond the newest two (_LOW_DISK_ROLLING) too. Each step is said.
+        When the plan falls short, temporary files and what retention allows are removed; if a file
+        still does not fit, the oldest rolling checkpoints beyond the newest two too. Each step is said.
         """
         # The last file written, else this state's tensors plus framing (and its shards).
         shard_bytes = shards.bytes if isinstance(shards, Shards) else shards.expected_bytes if shards else 0
         per_file = self._last_file_bytes or tensor_bytes(state) + (1 << 16) + shard_bytes
 
-        def fitting(free: int) -> tuple[list[Kind], list[Kind]]:
-            budget, files, copies = free - self.options.min_free_bytes, [], []
-            for k in sorted(kinds, key=_SPACE_PRIORITY.index):
-                if per_file <= budget:
-                    files.append(k)
-                    budget -= per_file
-            for k in sorted(files, key=_SPACE_PRIORITY.index):
-                if k in _WITH_COPY and per_file <= budget:
-                    copies.append(k)
-                    budget -= per_file
-            return files, copies
+        def plan() -> tuple[list[Kind], list[Kind]]:
+            return space.fit(kinds, per_file, storage.free_bytes(self.directory) - self.options.min_free_bytes)
 
-        def enough(files: list[Kind], copies: list[Kind]) -> bool:
-            return len(files) == len(kinds) and len(copies) == sum(k in _WITH_COPY for k in kinds)
-
-        files, copies = fitting(storage.free_bytes(self.directory))
-        if not enough(files, copies):
+        files, copies = plan()
+        if not space.complete(kinds, files, copies):
             storage.clean_temp_files(self.directory, keep=self._live)
             for kind in (Kind.ROLLING, Kind.EMERGENCY):
                 for gone in commit.prune(self._context(), kind, step):
                     commit.history(self.directory, {"event": "delete", "name": gone, "kind": kind.value, "step": step})
-            files, copies = fitting(storage.free_bytes(self.directory))
+            files, copies = plan()
         if len(files) < len(kinds):  # the newest state matters most: older rolling files make room for it
-            for gone in commit.prune(self._context(), Kind.ROLLING, step, keep=_LOW_DISK_ROLLING):
+            for gone in commit.prune(self._context(), Kind.ROLLING, step, keep=space.LOW_DISK_ROLLING):
                 logger.warning("low on disk space: deleted %s to make room for the save at step %d (the newest %d "
-                               "rolling checkpoints are kept)", gone, step, _LOW_DISK_ROLLING)
+                               "rolling checkpoints are kept)", gone, step, space.LOW_DISK_ROLLING)
                 commit.history(self.directory, {"event": "delete", "name": gone, "kind": "rolling", "step": step,
                                                 "reason": "low disk space"})
-            files, copies = fitting(storage.free_bytes(self.directory))
+            files, copies = plan()
         free = storage.free_bytes(self.directory)
         for k in kinds:
             if k in files:
-                if k in _WITH_COPY and k not in copies:
+                if k in space.WITH_COPY and k not in copies:
                     copy = layout.ROLLING_BACKUP if k is Kind.ROLLING else layout.BEST_BACKUP
                     logger.warning("not enough free space in %s for %s, the independent copy of the %s save at step "
                                    "%d (%s free, --min-free-space %s): the checkpoint is written without it",
@@ -474,7 +456,7 @@ class CheckpointManager:
             logger.warning("%s", msg)
             commit.history(self.directory, {"event": "skipped", "step": step, "kinds": [k.value], "free": free})
             self._done.append(SaveResult(k, "", step, error=msg, skipped=True))
-        return [k for k in kinds if k in files], frozenset(k for k in kinds if k in _WITH_COPY and k not in copies)
+        return [k for k in kinds if k in files], frozenset(k for k in files if k in space.WITH_COPY and k not in copies)
 
     def storage_summary(self) -> str:
         """One line: storage used per family (hard links counted once), total, and free space."""
