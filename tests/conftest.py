@@ -19,6 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # run is replayed with TEST_SEED=<seed> (each test draws from the seed and its own id, so alone or in
 # the whole suite, on any worker, it draws the same).
 os.environ.setdefault("TEST_SEED", str(secrets.randbelow(2**31)))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: each test and every process it starts computes on one thread. Two torch
+    # processes with two OpenMP threads each on two cores wait on each other's spinning threads (~60x slower).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 TEST_SEED = int(os.environ["TEST_SEED"])
 
 

@@ -166,8 +166,8 @@ def test_generate_resume_command_proposes_another_number_of_ranks(base: Path) ->
 
     tool = [sys.executable, str(ROOT / "tools" / "generate_resume_command.py"),
             str(base / "checkpoints" / "latest.pt"), "--compare"]
-    ok = subprocess.run([*tool, "--world-size", "2"], capture_output=True, text=True, env={"COLUMNS": "200",
-                                                                                           **__import__("os").environ})
+    ok = subprocess.run([*tool, "--world-size", "2"], capture_output=True, text=True, env={**__import__("os").environ,
+                                                                                           "COLUMNS": "200"})
     assert ok.returncode == 0, ok.stderr
     assert "elastic" in ok.stdout and "the floating-point reduction order changes" in ok.stdout
     assert ok.stdout.strip().splitlines()[-1].startswith("torchrun --nproc_per_node 2 -m train_improved --resume ")
