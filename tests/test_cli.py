@@ -54,3 +54,27 @@ def test_starting_fresh_over_an_existing_run_is_refused(tmp_path: Path, text_fil
     code, err = train_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch)
     assert code == 1 and "--resume latest" in err
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()} == before
+
+
+def test_help_groups_the_options_and_shows_defaults_as_users_write_them(tmp_path: Path) -> None:
+    out = run_train("--help", cwd=tmp_path, env={"COLUMNS": "200"})
+    text = " ".join(out.stdout.split())
+    for panel in ("Model", "Data", "Optimization", "Checkpoints", "Mirror (a second tier)", "Logging", "Resume"):
+        assert f"─ {panel} ─" in out.stdout, panel
+    assert "Transformer blocks. [default: 4]" in text and "(4)" not in text
+    assert "[default: 1d]" in text and "[default: 25s]" in text and "86400" not in text
+    assert run_train("--version", cwd=tmp_path).stdout.startswith("train_improved ")
+
+
+def test_a_batch_size_alone_means_no_accumulation(tmp_path: Path, text_file: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from train_improved import config
+
+    cfg = config.resolve(cli={"batch_size": 8}, environ={}, config_file=None)
+    assert cfg.mini_batch_size == 8
+    assert config.resolve(cli={"batch_size": 8, "mini_batch_size": 4}, environ={}, config_file=None).mini_batch_size == 4
+    args = [a for a in TINY]
+    del args[args.index("--mini-batch-size"):args.index("--mini-batch-size") + 2]
+    code, err = train_in_process("--data", str(text_file), *args, "--batch-size", "2", "--max-steps", "2", cwd=tmp_path,
+                                 monkeypatch=monkeypatch)
+    assert code == 0, err

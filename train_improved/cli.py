@@ -21,18 +21,57 @@ from .config import ConfigError, DataError, TrainConfig
 from .progress import configure_logging, err_console
 
 _D = TrainConfig()
+# `train --help` in groups, in the order a user reads them.
+_PANELS = {
+    "Model": ["n-layer", "n-head", "n-embd", "block-size", "dropout", "vocab-size"],
+    "Data": ["data"],
+    "Optimization": ["batch-size", "mini-batch-size", "lr", "min-lr", "warmup-steps", "weight-decay", "grad-clip",
+                     "num-epochs", "max-steps", "seed", "device", "dtype", "compile", "fsdp"],
+    "Evaluation and best model": ["eval-interval", "eval-steps", "metric", "mode", "sample-length"],
+    "Checkpoints": ["checkpoint-dir", "checkpoint-freq", "keep-checkpoints", "keep-emergency-checkpoints",
+                    "min-free-space", "async-save", "mtbf", "emergency-budget"],
+    "Mirror (a second tier)": ["mirror", "mirror-options"],
+    "Logging": ["log-dir", "log-interval", "metrics-file", "use-tensorboard"],
+}
+_PANEL_OF = {name: panel for panel, names in _PANELS.items() for name in names}
+_DURATIONS = {"mtbf", "emergency_budget", "log_interval"}
 
 
-def _opt(name: str, help: str, default: Any = None, **kw: Any) -> Any:
-    """An option whose absence is None, so that lower-precedence sources can fill it in."""
-    shown = getattr(_D, name.split("/")[0].replace("-", "_"), default)
-    return typer.Option(f"--{name}", help=help, show_default=str(shown) if shown is not None else False, **kw)
+def _shown(field: str, value: Any) -> str | None:
+    """A default as users write it: 24h, not 86400.0; --no-compile, not False."""
+    if value is None:
+        return None
+    if field == "mini_batch_size":
+        return "--batch-size (no accumulation)"
+    if field in _DURATIONS:
+        return config.format_duration(value)
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{field.replace('_', '-')}"
+    return str(value)
+
+
+def _opt(name: str, help: str, **kw: Any) -> Any:
+    """An option whose absence is None, so that lower-precedence sources can fill it in; its default is shown
+    in the help as `[default: 4]`, and it sits in its panel."""
+    field = name.split("/")[0].replace("-", "_")
+    shown = _shown(field, getattr(_D, field, None))
+    text = help + (f" [dim]\\[default: {escape(shown)}][/dim]" if shown is not None else "")
+    return typer.Option(f"--{name}", help=text, show_default=False,
+                        rich_help_panel=_PANEL_OF.get(name.split("/")[0], "Options"), **kw)
 
 
 Int = Optional[int]
 Float = Optional[float]
 Str = Optional[str]
 Bool = Optional[bool]
+
+
+def _print_version(shown: bool) -> None:
+    if shown:
+        from . import __version__
+
+        print(f"train_improved {__version__}")
+        raise typer.Exit(0)
 
 
 def train(
@@ -70,8 +109,7 @@ def train(
     mode: Annotated[Str, _opt("mode", "min or max: which direction of --metric is better.")] = None,
     min_free_space: Annotated[Str, _opt("min-free-space", "Skip a save rather than leave less free disk than "
                                                           "this (e.g. 10GB, 500MiB).")] = None,
-    async_save: Annotated[Bool, typer.Option("--async-save/--no-async-save", show_default="async",
-                                             help="Write checkpoints in the background.")] = None,
+    async_save: Annotated[Bool, _opt("async-save/--no-async-save", "Write checkpoints in the background.")] = None,
     mtbf: Annotated[Str, _opt("mtbf", "Expected time between failures for --checkpoint-freq auto (e.g. 24h).")] = None,
     emergency_budget: Annotated[Str, _opt("emergency-budget", "Seconds an emergency save may take before it "
                                                               "skips its read-back check (e.g. 25s).")] = None,
@@ -86,14 +124,16 @@ def train(
     metrics_file: Annotated[Str, _opt("metrics-file", "JSON-lines metrics file (default <log-dir>/metrics.jsonl).")] = None,
     use_tensorboard: Annotated[Bool, _opt("use-tensorboard/--no-use-tensorboard", "Also write TensorBoard event files to --log-dir.")] = None,
     sample_length: Annotated[Int, _opt("sample-length", "Bytes of text to sample from the best model at the end.")] = None,
-    resume: Annotated[Str, typer.Option("--resume", help="latest, best, auto (resume if possible, else start "
+    resume: Annotated[Str, typer.Option("--resume", rich_help_panel="Resume", help="latest, best, auto (resume if possible, else start "
                                                          "fresh), a file name in --checkpoint-dir, or a path.")] = None,
-    init_from: Annotated[Str, typer.Option("--init-from", help="Start a new run from this checkpoint's weights "
+    init_from: Annotated[Str, typer.Option("--init-from", rich_help_panel="Resume", help="Start a new run from this checkpoint's weights "
                                                                "(fine-tuning): new optimizer, schedule and step count.")] = None,
-    config_file: Annotated[Str, typer.Option("--config", help="TOML file of options (below env and command line).")] = None,
-    list_checkpoints: Annotated[bool, typer.Option("--list-checkpoints", help="List the checkpoint directory and exit.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="With --list-checkpoints: print JSON.")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="With --list-checkpoints: re-check every checksum.")] = False,
+    config_file: Annotated[Str, typer.Option("--config", rich_help_panel="Resume", help="TOML file of options (below env and command line).")] = None,
+    list_checkpoints: Annotated[bool, typer.Option("--list-checkpoints", rich_help_panel="Operator tools", help="List the checkpoint directory and exit.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", rich_help_panel="Operator tools", help="With --list-checkpoints: print JSON.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=lambda shown: _print_version(shown))] = False,
+    verify: Annotated[bool, typer.Option("--verify", rich_help_panel="Operator tools", help="With --list-checkpoints: re-check every checksum.")] = False,
 ) -> None:
     """Train a GPT on the built-in corpus or your data, checkpointing so that no training is lost.
 

@@ -38,7 +38,7 @@ class TrainConfig:
     dropout: float = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
     # optimization
     batch_size: int = 32  # sequences per optimizer step
-    mini_batch_size: int = 32  # sequences per forward/backward; batch_size / mini_batch_size = accumulation
+    mini_batch_size: int = 32  # sequences per forward/backward (follows batch_size unless given): accumulation
     lr: float = 3e-3  # small models tolerate a high peak learning rate
     min_lr: float | None = None  # cosine decay ends here; None: lr/10 (per Chinchilla), so it follows --lr
     warmup_steps: int = 100
@@ -251,6 +251,8 @@ def resolve(*, cli: Mapping[str, Any], environ: Mapping[str, str], config_file: 
         merged.update(load_toml(config_file))
     merged.update(from_env(environ))
     merged.update(coerce(cli, "command line"))
+    if "batch_size" in merged and "mini_batch_size" not in merged:
+        merged["mini_batch_size"] = merged["batch_size"]  # no gradient accumulation unless asked for
     cfg = TrainConfig(**merged)
     if check:
         validate(cfg)
