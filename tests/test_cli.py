@@ -78,3 +78,22 @@ def test_a_batch_size_alone_means_no_accumulation(tmp_path: Path, text_file: Pat
     code, err = train_in_process("--data", str(text_file), *args, "--batch-size", "2", "--max-steps", "2", cwd=tmp_path,
                                  monkeypatch=monkeypatch)
     assert code == 0, err
+
+
+def test_what_a_run_says_when_resumed_at_its_end_started_from_weights_or_given_a_wrong_metric(
+        tmp_path: Path, text_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ["--data", str(text_file), *TINY, "--max-steps", "4"]
+    assert train_in_process(*args, cwd=tmp_path, monkeypatch=monkeypatch)[0] == 0
+    code, err = train_in_process(*args, "--resume", "latest", cwd=tmp_path, monkeypatch=monkeypatch)
+    text = " ".join(err.split())
+    assert code == 0 and "nothing to train: the run already ended at step 4 (--max-steps reached)" in text, text
+    assert "steps 5-4" not in text
+    code, err = train_in_process(*args, "--resume", "latest", "--metric", "accuracy", cwd=tmp_path,
+                                 monkeypatch=monkeypatch)
+    assert code == 1 and "--metric 'accuracy' is not a metric" in err and "best tracking" not in err, err
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    code, err = train_in_process(*args, "--init-from", str(tmp_path / "checkpoints" / "latest.pt"), cwd=tuned,
+                                 monkeypatch=monkeypatch)
+    text = " ".join(err.split())
+    assert code == 0 and f"weights from {tmp_path / 'checkpoints' / 'latest.pt'} (step 4, run " in text, text

@@ -284,16 +284,13 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"--min-lr cannot be negative (got {cfg.min_lr})")
     elif cfg.min_lr is not None and cfg.lr > 0 and cfg.min_lr > cfg.lr:
         p.append(f"--min-lr {cfg.min_lr} cannot exceed --lr {cfg.lr} (leave --min-lr out to follow --lr: lr/10)")
-    if cfg.metric not in METRICS:
-        p.append(f"--metric {cfg.metric!r} is not a metric this run produces: choose {' or '.join(METRICS)}")
+    p += _best_metric_problems(cfg)
     if not 0.0 <= cfg.dropout < 1.0:
         p.append(f"--dropout must be in [0, 1) (got {cfg.dropout})")
     if cfg.device not in ("auto", "cpu", "mps") and not re.fullmatch(r"cuda(:\d+)?", cfg.device):
         p.append(f"--device must be auto, cpu, cuda, cuda:N or mps (got {cfg.device!r})")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         p.append(f"--dtype must be float32, bfloat16 or float16 (got {cfg.dtype!r})")
-    if cfg.mode not in ("min", "max"):
-        p.append(f"--mode must be min or max (got {cfg.mode!r})")
     if cfg.emergency_budget <= 0:
         p.append(f"--emergency-budget must be a positive duration (got {cfg.emergency_budget})")
     if cfg.mtbf <= 0:
@@ -305,6 +302,21 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.log_interval <= 0:
         p.append(f"--log-interval must be a positive duration (got {cfg.log_interval})")
     if p:
+        raise ConfigError("; ".join(p))
+
+
+def _best_metric_problems(cfg: TrainConfig) -> list[str]:
+    p = []
+    if cfg.metric not in METRICS:
+        p.append(f"--metric {cfg.metric!r} is not a metric this run produces: choose {' or '.join(METRICS)}")
+    if cfg.mode not in ("min", "max"):
+        p.append(f"--mode must be min or max (got {cfg.mode!r})")
+    return p
+
+
+def check_best_metric(cfg: TrainConfig) -> None:
+    """--metric and --mode alone, before a resume reads a checkpoint's best record with them."""
+    if p := _best_metric_problems(cfg):
         raise ConfigError("; ".join(p))
 
 

@@ -139,8 +139,10 @@ class SavePoints:
             lag = {} if t.manager.mirror is None else {"mirror_lag_steps": t.manager.mirror.lag(r.step)}
             t.metrics.log("checkpoint", step=r.step, kind=r.kind.value, path=str(t.manager.directory / r.name),
                           bytes=r.bytes, stall_s=r.stall_s, write_s=r.write_s, cleanup_s=r.cleanup_s, **lag)
-            logger.info("saved %s (step %d, %s, stall %.3fs, write %.2fs)", r.name, r.step, human_bytes(r.bytes),
-                        r.stall_s, r.write_s)
+            # The file's size, and what the save wrote when that differs (the file and its independent copy).
+            written = f", {human_bytes(r.bytes)} written with its copy" if r.bytes != r.file_bytes else ""
+            logger.info("saved %s (step %d, %s%s, stall %.3fs, write %.2fs)", r.name, r.step,
+                        human_bytes(r.file_bytes), written, r.stall_s, r.write_s)
             t.save_cost = r.stall_s
         for sync in t.manager.mirror_events():  # the second tier: how far the mirror lags
             lag = t.step - (sync["mirrored_step"] or 0)

@@ -96,6 +96,11 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
             trainer.load_state_dict(state, info.path)
         elif init_from is not None:
             _load_weights(trainer, Path(init_from).expanduser())
+            if d.is_main:
+                source = read_footer(Path(init_from).expanduser())
+                err_console.print(f"weights from {Path(init_from).expanduser().resolve()} (step {source.get('step')}"
+                                  f", run {(source.get('lineage') or {}).get('run', '?')}); the optimizer, schedule and "
+                                  "step count start afresh", highlight=False, soft_wrap=True)
         if d.is_main:  # a mirror is checked before anything is written; the first save takes its prefix
             if manager is None:
                 manager = CheckpointManager(cfg.checkpoint_dir, checkpoint_options(cfg))
@@ -163,6 +168,7 @@ def _open_and_restore(pre: TrainConfig, resume: str | None
                       ) -> tuple[CheckpointManager | None, dict[str, Any] | None, Any]:
     """Lock the directory and restore `resume` along the fallback chain, the local store first, then the mirror."""
     directory = Path(pre.checkpoint_dir)
+    config.check_best_metric(pre)  # the store seeds its best tracking from these as it restores: refused first
     manager, state, info = None, None, None
     try:
         if resume is not None and (directory.is_dir() or resume not in ("latest", "best", "auto") or pre.mirror):

@@ -154,7 +154,11 @@ class Trainer:
             f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters ({cfg.n_layer} layers x {cfg.n_embd}, "
             f"{cfg.n_head} heads, context {cfg.block_size}), {cfg.dtype} on {self.device}{ranks}",
             f"schedule: steps {self.step + 1}-{self.total_steps}, batch {cfg.batch_size} x {cfg.block_size} tokens, "
-            f"{self.sampler.steps_per_epoch} steps per epoch, lr {cfg.lr:g} -> {cfg.final_lr:g}",
+            f"{self.sampler.steps_per_epoch} steps per epoch, lr {cfg.lr:g} -> {cfg.final_lr:g}"
+            if self.total_steps > self.step else
+            f"schedule: nothing to train: the run already ended at step {self.step} "
+            f"({'--max-steps' if cfg.max_steps is not None and cfg.max_steps <= self.step else '--num-epochs'} "
+            f"reached); give a larger --max-steps or --num-epochs to train on",
             f"checkpoints: {Path(cfg.checkpoint_dir).resolve()}; metrics: {cfg.metrics_path}",
         ]
 
@@ -370,6 +374,6 @@ class Trainer:
                 logger.warning("sampling from the last model instead of %s: %s", best.name, e)
         self.raw_model.eval()
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        prompt = torch.tensor([list(b"def ")], dtype=torch.long, device=self.device)
+        prompt = torch.tensor([list(b"\n")], dtype=torch.long, device=self.device)  # a line start: any text has one
         out = self.raw_model.generate(prompt, length, generator=generator)
         return bytes(out[0].tolist()).decode("utf-8", errors="replace")
