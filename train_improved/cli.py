@@ -131,6 +131,22 @@ def train(
     config_file: Annotated[Str, typer.Option("--config", rich_help_panel="Resume", help="TOML file of options (below env and command line).")] = None,
     list_checkpoints: Annotated[bool, typer.Option("--list-checkpoints", rich_help_panel="Operator tools", help="List the checkpoint directory and exit.")] = False,
     json_output: Annotated[bool, typer.Option("--json", rich_help_panel="Operator tools", help="With --list-checkpoints: print JSON.")] = False,
+    export: Annotated[Str, typer.Option("--export", rich_help_panel="Weights out", help="Export this checkpoint's "
+                                        "model weights (latest, best, a name, a path, a sharded directory, or a "
+                                        "mirror's URL/name) to --to, and exit.")] = None,
+    to: Annotated[Str, typer.Option("--to", rich_help_panel="Weights out", help="With --export: the safetensors "
+                                    "file (or, with --format hf, the directory) to write.")] = None,
+    export_format: Annotated[str, typer.Option("--format", rich_help_panel="Weights out", help="With --export: "
+                                               "safetensors, or hf (a transformers GPT-2 directory).")] = "safetensors",
+    force: Annotated[bool, typer.Option("--force", rich_help_panel="Weights out",
+                                        help="With --export: replace --to if it exists.")] = False,
+    sample: Annotated[Str, typer.Option("--sample", rich_help_panel="Weights out", help="Print text sampled from "
+                                        "this checkpoint's model (--prompt, --sample-length, --temperature, "
+                                        "--seed), and exit.")] = None,
+    prompt: Annotated[Str, typer.Option("--prompt", rich_help_panel="Weights out",
+                                        help="With --sample: the text to continue (default: a line start).")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", rich_help_panel="Weights out",
+                                               help="With --sample: sampling temperature.")] = 0.8,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
                                           callback=lambda shown: _print_version(shown))] = False,
     verify: Annotated[bool, typer.Option("--verify", rich_help_panel="Operator tools", help="With --list-checkpoints: re-check every checksum.")] = False,
@@ -154,6 +170,24 @@ def train(
                                              verify=verify))
             raise typer.Exit(show(Path(listed.checkpoint_dir), as_json=json_output, verify=verify,
                                   mirror_options=listed.mirror_storage_options()))
+        if export is not None or sample is not None:
+            from . import export as weights_out
+
+            listed = config.resolve(cli=given, environ=os.environ, config_file=config_file, check=False)
+            where = dict(directory=Path(listed.checkpoint_dir), mirror=listed.mirror,
+                         mirror_options=listed.mirror_storage_options())
+            if export is not None:
+                if to is None:
+                    raise ConfigError("--export needs --to: the file (or directory, with --format hf) to write")
+                err_console.print(weights_out.export(export, Path(to), fmt=export_format, force=force,
+                                                     dtype=given.get("dtype", "float32"), **where),
+                                  highlight=False, soft_wrap=True)
+            else:
+                assert sample is not None
+                print(weights_out.sample(sample, prompt="\n" if prompt is None else prompt,
+                                         length=listed.sample_length, temperature=temperature, seed=listed.seed,
+                                         **where))
+            raise typer.Exit(0)
         from .session import run_session
 
         raise typer.Exit(run_session(given, resume=resume, config_file=config_file, init_from=init_from))

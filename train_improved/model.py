@@ -151,6 +151,20 @@ class GPT(nn.Module):
         return idx
 
 
+def sample_text(model: GPT, prompt: bytes, length: int, *, temperature: float = 0.8, seed: int = 1337) -> str:
+    """`length` bytes sampled after `prompt` by a byte-level model, from a generator seeded with `seed`.
+
+    The sampler of the end of a run and of `train --sample`: the same seed and prompt give the same text.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([list(prompt or b"\n")], dtype=torch.long, device=device)
+    with torch.no_grad():
+        out = model.generate(idx, length, temperature=temperature, generator=generator)
+    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
+
+
 def _adamw_kernels(device_type: str) -> dict[str, bool | None]:
     """Fused into one kernel on CUDA (as nanoGPT), multi-tensor (foreach) elsewhere."""
     fused = device_type == "cuda"

@@ -97,10 +97,8 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
         elif init_from is not None:
             _load_weights(trainer, Path(init_from).expanduser())
             if d.is_main:
-                source = read_footer(Path(init_from).expanduser())
-                err_console.print(f"weights from {Path(init_from).expanduser().resolve()} (step {source.get('step')}"
-                                  f", run {(source.get('lineage') or {}).get('run', '?')}); the optimizer, schedule and "
-                                  "step count start afresh", highlight=False, soft_wrap=True)
+                err_console.print(f"weights from {_describe_weights(Path(init_from).expanduser())}; the optimizer, "
+                                  "schedule and step count start afresh", highlight=False, soft_wrap=True)
         if d.is_main:  # a mirror is checked before anything is written; the first save takes its prefix
             if manager is None:
                 manager = CheckpointManager(cfg.checkpoint_dir, checkpoint_options(cfg))
@@ -221,9 +219,14 @@ def _footer_args(path: Path) -> dict[str, Any] | None:
 
 
 def _model_shape(path: Path) -> dict[str, Any]:
-    """The model-shape options of the checkpoint a fine-tuning run starts from (its footer's `args`)."""
+    """The model-shape options of the checkpoint a fine-tuning run starts from (its footer's `args`, or a
+    safetensors file's metadata)."""
     if not path.exists():
         raise CheckpointError(f"--init-from {path}: no such checkpoint")
+    if path.suffix == ".safetensors":
+        from .export import safetensors_shape
+
+        return safetensors_shape(path)
     try:
         args = read_footer(path).get("args")
     except CheckpointError as e:
@@ -231,9 +234,25 @@ def _model_shape(path: Path) -> dict[str, Any]:
     return {k: v for k, v in args.items() if k in MODEL_SHAPE} if isinstance(args, dict) else {}
 
 
+def _describe_weights(path: Path) -> str:
+    if path.suffix == ".safetensors":
+        from .export import read_safetensors
+
+        meta = read_safetensors(path)[1]
+        return f"{path.resolve()} (exported from {meta.get('source_name', '?')}, step {meta.get('step', '?')})" \
+            if "source_name" in meta else str(path.resolve())
+    footer = read_footer(path)
+    return f"{path.resolve()} (step {footer.get('step')}, run {(footer.get('lineage') or {}).get('run', '?')})"
+
+
 def _load_weights(trainer: Any, path: Path) -> None:
     """A new run starting from a checkpoint's weights: the optimizer, schedule and step start afresh."""
-    if path.is_dir():
+    if path.suffix == ".safetensors":  # ours or anyone's: names and shapes must match the model
+        from .export import check_fits, read_safetensors
+
+        weights = read_safetensors(path)[0]
+        check_fits(trainer.raw_model.state_dict(), weights, f"--init-from {path}")
+    elif path.is_dir():
         from .checkpoint.fileformat import verify_file
         from .checkpoint.sharded import load_model_state
 

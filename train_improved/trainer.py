@@ -28,7 +28,7 @@ from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, sha
 from .config import ConfigError, DataError, TrainConfig, batch_split
 from .data import ShuffledSampler, TokenWindows, evaluation_windows, load_dataset
 from .metrics import MetricsLogger
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, sample_text
 from .save_points import SavePoints
 from .signals import GracefulStop
 from .state import as_plain_rng_state, restore_rng_state, snapshot_rng
@@ -372,8 +372,4 @@ class Trainer:
                 self.raw_model.load_state_dict(state["model"])
             except CheckpointError as e:
                 logger.warning("sampling from the last model instead of %s: %s", best.name, e)
-        self.raw_model.eval()
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        prompt = torch.tensor([list(b"\n")], dtype=torch.long, device=self.device)  # a line start: any text has one
-        out = self.raw_model.generate(prompt, length, generator=generator)
-        return bytes(out[0].tolist()).decode("utf-8", errors="replace")
+        return sample_text(self.raw_model, b"\n", length, seed=self.cfg.seed)  # a line start: any text has one
