@@ -66,9 +66,11 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         code, err = train_in_process("--data", "my_text.txt", *TINY, "--max-steps", "300", "--num-epochs", "5",
                                      "--checkpoint-freq", "50", "--keep-checkpoints", "10", cwd=d, monkeypatch=mp)
+        assert code == 0, err
+        code, err = train_in_process("--export", "best", "--to", "model.safetensors", cwd=d, monkeypatch=mp)
+        assert code == 0, err  # what `--init-from model.safetensors` starts from
     finally:
         mp.undo()
-    assert code == 0, err
     return d
 
 
@@ -101,7 +103,7 @@ def concrete(command: str, run: Path, s3: str = "") -> list[str]:
 
 
 def starts_a_run(words: list[str]) -> bool:
-    return "--resume" not in words and "--list-checkpoints" not in words and "--init-from" not in words
+    return not {"--resume", "--list-checkpoints", "--init-from", "--export", "--sample"} & set(words)
 
 
 @pytest.mark.parametrize("doc, command", [c for c in COMMANDS if not c[1].startswith("torchrun")],
@@ -123,6 +125,8 @@ def test_documented_command_runs(prepared: Path, tmp_path: Path, monkeypatch: py
             fs = s3fs.S3FileSystem(endpoint_url=s3)
             if fs.exists(prefix):
                 fs.rm(prefix, recursive=True)
+    if "--export" in words:  # the prepared model.safetensors (for --init-from) is not in an export's way
+        (run / words[words.index("--to") + 1]).unlink(missing_ok=True)
     where = tmp_path if "/" in command and str(run) in " ".join(words) else run  # "from anywhere"
     expected = next((code for key, code in EXPECTED_EXIT.items() if key in command), 0)
     if words[0] == "generate-resume-command":
