@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointError, CheckpointManager, layout, storage
-from .checkpoint.remote import RemoteStore
+from .checkpoint.remote import RemoteStore, mask
 from .model import GPT, GPTConfig, sample_text
 from .overrides import MODEL_SHAPE
 
@@ -44,27 +43,29 @@ def _safetensors() -> Any:
 def load_gpt(which: str, directory: Path, *, mirror: str | None = None,
              mirror_options: dict[str, Any] | None = None) -> tuple[GPT, dict[str, Any], str]:
     """The GPT of checkpoint `which` (latest, best, a name, a path, a sharded directory, or a mirror's
-    `scheme://prefix/name`), its footer and what it was; verified, with the fallback chain of a resume.
+    `scheme://prefix/name`), its footer and where it came from; verified, with the fallback chain of a resume.
 
     Nothing is written to `directory`: a checkpoint that only the mirror holds is downloaded aside.
     """
-    with ExitStack() as stack:
-        if "://" in which:  # one object of a mirror
-            url, name = which.rsplit("/", 1)
-            aside = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="train-improved-export-")))
-            path = RemoteStore.open(url, mirror_options, check_writable=False).fetch(name, aside)
-            state, footer, source = _load(CheckpointManager(aside, read_only=True), path)
-        else:
-            local = CheckpointManager(directory, read_only=True)
-            try:
-                state, footer, source = _load(local, which)
-            except CheckpointError:
-                if mirror is None or layout.is_explicit_path(which):
-                    raise
-                aside = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="train-improved-export-")))
-                path = RemoteStore.open(mirror, mirror_options, check_writable=False).fetch(which, aside)
-                state, footer, source = _load(CheckpointManager(aside, read_only=True), path)
-        return gpt_from_weights(state, footer, source), footer, source
+    if "://" in which:  # one object of a mirror
+        url, name = which.rsplit("/", 1)
+        weights, footer, source = _from_mirror(url, name, mirror_options)
+    else:
+        try:
+            weights, footer, source = _load(CheckpointManager(directory, read_only=True), which)
+        except CheckpointError:
+            if mirror is None or layout.is_explicit_path(which):
+                raise
+            weights, footer, source = _from_mirror(mirror, which, mirror_options)
+    return gpt_from_weights(weights, footer, source), footer, source
+
+
+def _from_mirror(url: str, which: str, options: dict[str, Any] | None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    with tempfile.TemporaryDirectory(prefix="train-improved-export-") as aside:
+        path = RemoteStore.open(url, options, check_writable=False).fetch(which, Path(aside))
+        weights, footer, _ = _load(CheckpointManager(Path(aside), read_only=True), path)
+    return weights, footer, f"{mask(url.rstrip('/'))}/{path.name}"
 
 
 def _load(manager: CheckpointManager, which: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
