@@ -134,7 +134,8 @@ def load_first_valid(chain: list[Candidate], directory: Path, map_location: Any 
             if on_failure is not None:
                 on_failure(path, str(e))
             nxt = f"; trying {chain[i + 1].path.name}" if i + 1 < len(chain) else ""
-            logger.warning("%s failed verification: %s%s", path.name, e, nxt)
+            if len(chain) > 1:  # a fallback story; a file asked for alone is the error itself, said once
+                logger.warning("%s failed verification: %s%s", path.name, e, nxt)
             continue
         if candidate.note and "another line" in candidate.note:
             logger.warning("no valid checkpoint on the current line of training: resuming from %s (step %s), %s",
@@ -145,5 +146,7 @@ def load_first_valid(chain: list[Candidate], directory: Path, map_location: Any 
             logger.warning("resuming from %s (step %s) instead of %s", path.name, footer.get("step"),
                            chain[0].path.name)
         return state, path, footer
+    if len(chain) == 1:  # one file was asked for by name: its failure, in one line
+        raise CheckpointError(f"{chain[0].path} failed verification: {failures[0].split(': ', 1)[1]}")
     raise CheckpointError(f"no valid checkpoint to resume from in {directory}: all {len(failures)} failed "
                           "verification:\n" + "\n".join(failures))
