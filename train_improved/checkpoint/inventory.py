@@ -46,6 +46,7 @@ class Entry:
     saved_at: str | None
     files: dict[str, dict[str, Any]] | None = None  # file name -> {"key", "digest", "bytes"}
     lineage: dict[str, Any] | None = None  # the footer's line of training (run, ancestry)
+    ok = True  # a class constant, not a field: listed means verified (the fallback chain reads `ok` and `meta`)
 
     @classmethod
     def from_dict(cls, name: str, data: dict[str, Any]) -> Entry:
@@ -70,8 +71,6 @@ class Entry:
     @property
     def total_bytes(self) -> int:
         return self.bytes + sum(f["bytes"] for f in (self.files or {}).values())
-
-    ok = True  # listed means verified: the fallback chain orders entries like local files
 
     @property
     def meta(self) -> dict[str, Any]:

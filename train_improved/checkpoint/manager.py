@@ -334,7 +334,7 @@ class CheckpointManager:
         """
         self.remote = remote
 
-        self.mirror = Mirror(remote, self.directory, on_sync=self._mirror_events.append, writer=self.run_id,
+        self.mirror = Mirror(remote, self.directory, on_sync=self._mirror_events.append, run_id=self.run_id,
                              keep_rolling=self.options.keep_rolling, keep_emergency=self.options.keep_emergency)
         self.mirror.request()  # what the store already holds goes up first
 

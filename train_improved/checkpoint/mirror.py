@@ -1,7 +1,7 @@
 """The background uploader of the second tier: the local store, mirrored by a RemoteStore.
 
     remote = RemoteStore.open("s3://bucket/run1", {"endpoint_url": ...})
-    mirror = Mirror(remote, Path("checkpoints"), writer="9f2c1a7e")   # starts its thread; no I/O in the caller
+    mirror = Mirror(remote, Path("checkpoints"), run_id="9f2c1a7e")   # starts its thread; no I/O in the caller
     mirror.request()                    # after each committed local save; never blocks
     mirror.request(wait=20.0)           # an emergency: wait for it, within a budget
 
@@ -49,11 +49,12 @@ class Mirror:
     """
 
     def __init__(self, remote: RemoteStore, directory: Path, on_sync: Callable[[dict[str, Any]], None] | None = None,
-                 *, writer: str | None = None, keep_rolling: int = 10, keep_emergency: int = 10) -> None:
+                 *, run_id: str | None = None, keep_rolling: int = 10, keep_emergency: int = 10) -> None:
         self.remote, self.directory = remote, directory
         self.on_sync = on_sync or (lambda record: None)
         self.keep_rolling, self.keep_emergency = keep_rolling, keep_emergency
-        self.writer = {"run": writer or new_run_id(), "host": socket.gethostname(), "pid": os.getpid(),
+        # Who writes the prefix, as the manifest names it: what a fenced-off older run reads in its error.
+        self.writer = {"run": run_id or new_run_id(), "host": socket.gethostname(), "pid": os.getpid(),
                        "since": datetime.now().astimezone().isoformat(timespec="seconds")}
         self.uploaded_bytes = 0
         self.mirrored_step: int | None = None
