@@ -87,6 +87,13 @@ def test_the_bucket_alone_resumes_a_run_bitwise_exactly(s3: S3, tmp_path: Path) 
     ours, theirs = step_losses(new / "runs" / "metrics.jsonl"), step_losses(reference / "runs" / "metrics.jsonl")
     assert ours == {s: v for s, v in theirs.items() if s > stopped}
     assert all(torch.equal(final_model(new)[k], v) for k, v in final_model(reference).items())
+    # And the bucket afterwards: the resumed run's end, everything the stopped run committed that the
+    # policies keep (its epochs, its emergency checkpoint), every listed object whole.
+    after = s3.store("s3://bucket/loss").manifest()
+    assert after["latest.pt"].step == STEPS
+    assert {n for n in manifest if n.startswith(("epoch_", "emergency_"))} <= set(after)
+    for entry in after.values():
+        s3.store("s3://bucket/loss").verify_entry(entry)
 
 
 def test_each_checkpoint_is_uploaded_once_and_the_mirror_follows_retention(s3: S3, tmp_path: Path) -> None:
