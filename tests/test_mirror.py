@@ -642,6 +642,7 @@ def test_a_zombie_and_its_requeued_successor_on_one_prefix(s3: S3, tmp_path: Pat
     text = " ".join(log.read_text().split())
     successor = next(r for r in read_metrics(successor_dir / "runs" / "metrics.jsonl") if r["event"] == "resume")
     assert f"is now written by run {successor['run']}" in text and "deletes nothing there" in text
+    assert text.count("is now written by") == 1 and "did not reach the mirror" not in text  # said once, and only that
     manifest = remote.manifest()
     assert remote.writer()["run"] == successor["run"] and manifest["latest.pt"].step == end
     zombie_run = read_footer(zombie_dir / "checkpoints" / "latest.pt")["lineage"]["run"]

@@ -192,8 +192,9 @@ class SavePoints:
                              "above); the last durable checkpoint is %s. Resume with: %s", t.step, last,
                              resume_hint(self.cfg, t.dist))
             return EXIT_NOT_DURABLE
-        if t.manager is not None and t.manager.mirror is not None:
-            # Before the run reports done, so the last syncs land in the metrics too.
+        if t.manager is not None and t.manager.mirror is not None and t.manager.mirror.stopped is None:
+            # Before the run reports done, so the last syncs land in the metrics too. (A mirror that
+            # stopped for good, fenced off by a newer run, has said why; there is nothing to wait for.)
             logger.info("waiting for the mirror to catch up (up to %s)", format_duration(MIRROR_CATCH_UP_S))
             if not t.manager.mirror.request(wait=MIRROR_CATCH_UP_S):
                 logger.warning("the mirror did not catch up within %s: it holds up to step %s",

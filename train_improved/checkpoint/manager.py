@@ -322,7 +322,7 @@ class CheckpointManager:
         results = self.wait_until_finished()
         if self.mirror is not None:  # the one save the loop waits for on the mirror, within what is left
             left = max(0.0, deadline - time.monotonic()) if deadline is not None else 60.0
-            if not self.mirror.request(wait=left):
+            if not self.mirror.request(wait=left) and self.mirror.stopped is None:
                 logger.warning("the emergency checkpoint did not reach the mirror within the budget; the mirror "
                                "holds up to step %s", self.mirror.mirrored_step)
         return results
