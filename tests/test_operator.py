@@ -238,3 +238,17 @@ def test_the_disk_plan_puts_every_state_before_any_copy() -> None:
     assert fit([Kind.BEST, Kind.ROLLING], per_file=10, budget=25) == ([Kind.ROLLING, Kind.BEST], [])
     assert fit([Kind.BEST, Kind.ROLLING], per_file=10, budget=35) == ([Kind.ROLLING, Kind.BEST], [Kind.ROLLING])
     assert fit([Kind.EPOCH, Kind.EMERGENCY], per_file=10, budget=15) == ([Kind.EMERGENCY], [])
+
+
+def test_the_lister_shows_the_runs_own_metric(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
+    code, err = train_in_process("--data", "corpus.txt", *TINY, "--max-steps", "8", "--metric", "train_loss",
+                                 cwd=tmp_path, monkeypatch=monkeypatch)
+    assert code == 0, err
+    listing = run_train("--list-checkpoints", cwd=tmp_path, env={"COLUMNS": "200"})
+    header = next(line for line in listing.stdout.splitlines() if "file" in line and "step" in line)
+    assert "train_loss" in header and "val_loss" not in header
+    rows = {r["name"]: r for r in json.loads(run_train("--list-checkpoints", "--json", cwd=tmp_path).stdout)["checkpoints"]}
+    best = rows["best_model.pt"]
+    assert best["metric"] == "train_loss" and best["metric_value"] == read_footer(
+        tmp_path / "checkpoints" / "best_model.pt")["metrics"]["train_loss"]

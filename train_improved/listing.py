@@ -54,7 +54,7 @@ def _history(directory: Path) -> tuple[dict[tuple[str, str], float], dict[tuple[
 
 def _row(info: CheckpointInfo, times: dict[tuple[str, str], float],
          failures: dict[tuple[str, str | None], dict[str, Any]], verify: bool, line: Line | None,
-         latest: CheckpointInfo | None) -> dict[str, Any]:
+         latest: CheckpointInfo | None, metric: str) -> dict[str, Any]:
     status = "ok" if info.ok else f"BAD: {info.error}"
     failed = failures.get((info.name, info.meta.get("digest")))
     if info.ok and failed is not None:  # the same file failed a verification (a resume fell back from it)
@@ -81,6 +81,9 @@ def _row(info: CheckpointInfo, times: dict[tuple[str, str], float],
         "name": info.name, "family": info.family.value, "kind": info.kind, "step": info.step,
         "epoch": info.epoch, "val_loss": info.metrics.get("val_loss"),
         "val_loss_step": eval_step if isinstance(eval_step, int) else info.step, "bytes": info.size,
+        # The run's --metric (what decides best_model.pt): val_loss carries the step it was measured at.
+        "metric": metric, "metric_value": info.metrics.get(metric),
+        "metric_step": eval_step if metric == "val_loss" and isinstance(eval_step, int) else info.step,
         "saved_at": info.saved_at, "write_s": times.get((origin, info.saved_at)),
         "backup": info.name in BACKUP_NAMES, "notes": notes, "status": status,
     }
@@ -92,7 +95,9 @@ def collect(directory: Path, verify: bool = False, mirror_options: dict[str, Any
     infos = manager.all()
     line = current_line(infos)
     latest = next((i for i in infos if i.name == LATEST), None)
-    rows = [_row(i, times, failures, verify, line, latest) for i in infos]
+    args = latest.meta.get("args") if latest is not None and latest.ok else None
+    metric = args.get("metric") if isinstance(args, dict) and isinstance(args.get("metric"), str) else "val_loss"
+    rows = [_row(i, times, failures, verify, line, latest, metric) for i in infos]
     mirror = _run_mirror(latest, mirror_options)
     if mirror is not None:
         listed = {e.digest for e in mirror.manifest.values()}
@@ -139,7 +144,8 @@ def _remote_row(entry: Entry, status: str) -> dict[str, Any]:
     """A row for one manifest entry: what the manifest knows (no metrics: they live in the footer)."""
     parsed = parse_name(entry.name)
     return {"name": entry.name, "family": parsed.family.value if parsed else "latest", "kind": entry.kind,
-            "step": entry.step, "epoch": None, "val_loss": None, "val_loss_step": None, "bytes": entry.total_bytes,
+            "step": entry.step, "epoch": None, "val_loss": None, "val_loss_step": None, "metric": None,
+            "metric_value": None, "metric_step": None, "bytes": entry.total_bytes,
             "saved_at": entry.saved_at, "write_s": None, "backup": entry.name in BACKUP_NAMES,
             "notes": [], "status": status, "object": entry.key}
 
@@ -205,7 +211,7 @@ def list_checkpoints(directory: Path, *, as_json: bool = False, verify: bool = F
     return 1 if bad else 0
 
 
-_COLUMNS = (("file", "left"), ("step", "right"), ("epoch", "right"), ("val_loss", "right"), ("size", "right"),
+_COLUMNS = (("file", "left"), ("step", "right"), ("epoch", "right"), ("metric", "right"), ("size", "right"),
             ("saved", "left"), ("write", "right"))
 _DROPPABLE = ("write", "saved", "epoch", "size")  # left out, in this order, where the terminal is too narrow
 
@@ -217,11 +223,12 @@ def _table(title: str, rows: list[dict[str, Any]], width: int) -> tuple[Table, i
     narrowest table does not fit: the terminal then wraps lines, which cuts nothing).
     """
     cells = [{"file": r["name"] + _note(r), "step": _fmt(r["step"]), "epoch": _fmt(r["epoch"]),
-              "val_loss": _val_loss(r), "size": human_bytes(r["bytes"]), "saved": _when(r["saved_at"]),
+              "metric": _metric(r), "size": human_bytes(r["bytes"]), "saved": _when(r["saved_at"]),
               "write": f"{r['write_s']:.2f}s" if r["write_s"] is not None else "-",
               "mirror": r.get("mirror", "")} for r in rows]
     columns = list(_COLUMNS) + ([("mirror", "left")] if any(c["mirror"] for c in cells) else [])
-    widths = {col: max(len(col), *(len(c[col]) for c in cells)) for col, _ in columns}
+    headers = {"metric": next((r["metric"] for r in rows if r.get("metric")), "val_loss")}  # the run's --metric
+    widths = {col: max(len(headers.get(col, col)), *(len(c[col]) for c in cells)) for col, _ in columns}
 
     def needed() -> int:
         return sum(widths[c] + 3 for c, _ in columns) + 14  # borders, padding, and a status of ten
@@ -232,7 +239,8 @@ def _table(title: str, rows: list[dict[str, Any]], width: int) -> tuple[Table, i
         columns = [c for c in columns if c[0] != drop]
     table = Table(title=title, title_justify="left")
     for col, justify in columns:
-        table.add_column(col, justify=justify, no_wrap=True, min_width=widths[col])  # type: ignore[arg-type]
+        table.add_column(headers.get(col, col), justify=justify, no_wrap=True,  # type: ignore[arg-type]
+                         min_width=widths[col])
     # The status gets what is left (at least ten columns), so rich never has to squeeze the others.
     statuses = [len(r["status"]) + 30 for r in rows]
     table.add_column("status", overflow="fold", width=max(10, min(max(statuses), width - needed() + 10)))
@@ -255,11 +263,11 @@ def _note(row: dict[str, Any]) -> str:
     return f" ({', '.join(notes)})" if notes else ""
 
 
-def _val_loss(row: dict[str, Any]) -> str:
-    if row["val_loss"] is None:
+def _metric(row: dict[str, Any]) -> str:
+    if row.get("metric_value") is None:
         return "-"
-    at = row["val_loss_step"]
-    return f"{row['val_loss']:.4f}" + (f" @{at}" if at is not None and at != row["step"] else "")
+    at = row["metric_step"]
+    return f"{row['metric_value']:.4f}" + (f" @{at}" if at is not None and at != row["step"] else "")
 
 
 def _fmt(v: Any) -> str:
