@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import gc
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,3 +103,29 @@ def gather(d: Dist, obj: Any) -> list[Any]:
     out: list[Any] = [None] * d.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+_BROADCAST_CHUNK = 64 << 20
+
+
+def broadcast_file(d: Dist, path: Path | None, receivers: list[int]) -> bytes | None:
+    """Rank 0's file `path`, sent over the process group to `receivers`; their copy of its bytes, None elsewhere.
+
+    For a checkpoint some ranks cannot read from their own disk (nodes without a shared one). In
+    chunks, so no rank holds more than one chunk on the wire side at a time besides what it keeps.
+    """
+    device = torch.device("cuda", d.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    size = torch.tensor([path.stat().st_size if d.is_main and path is not None else 0], dtype=torch.int64,
+                        device=device)
+    dist.broadcast(size, src=0)
+    total = int(size.item())
+    out = bytearray() if d.rank in receivers else None
+    with open(path, "rb") if d.is_main and path is not None else nullcontext() as f:
+        for start in range(0, total, _BROADCAST_CHUNK):
+            n = min(_BROADCAST_CHUNK, total - start)
+            chunk = torch.frombuffer(bytearray(f.read(n)), dtype=torch.uint8).to(device) if d.is_main else \
+                torch.empty(n, dtype=torch.uint8, device=device)
+            dist.broadcast(chunk, src=0)
+            if out is not None:
+                out += chunk.cpu().numpy().tobytes()
+    return bytes(out) if out is not None else None

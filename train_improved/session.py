@@ -11,8 +11,10 @@ options, so all ranks fail alike on bad input and train alike otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -151,15 +153,55 @@ def _choose_checkpoint(d: distributed.Dist, pre: TrainConfig, resume: str | None
         if error is not None:
             raise error
         return manager, state, info
-    path, failed = distributed.gather(d, (str(info.path) if info else None, error is not None))[0]
+    chosen = (str(info.path), info.meta.get("digest")) if info else None
+    chosen, failed = distributed.gather(d, (chosen, error is not None))[0]
     if error is not None:
         raise error
     if failed:
         raise ConfigError("rank 0 could not start the run (see its message)")
-    if not d.is_main and path is not None:
-        state, _ = load_checkpoint(Path(path), shards=False)  # rank 0 has just verified every shard file
-        info = describe(Path(path))
+    if chosen is not None:
+        state, info = _same_checkpoint_on_every_rank(d, Path(chosen[0]), chosen[1], state, info)
     return manager, state, info
+
+
+def _same_checkpoint_on_every_rank(d: distributed.Dist, path: Path, digest: str | None, state: Any, info: Any
+                                   ) -> tuple[dict[str, Any], Any]:
+    """Every rank loads the checkpoint rank 0 chose: from its own disk where it holds the same file, else
+    (another node, no shared disk) sent by rank 0 over the process group and verified like a file.
+
+    A sharded checkpoint is not sent so: a rank without its files says so in one line.
+    """
+    holds = d.is_main or (path.exists() and _footer_digest(path) == digest)
+    lacking = [rank for rank, held in enumerate(distributed.gather(d, holds)) if not held]
+    if not lacking:
+        if not d.is_main:
+            state, _ = load_checkpoint(path, shards=False)  # rank 0 has just verified every shard file
+            info = describe(path)
+        return state, info
+    if distributed.gather(d, path.is_dir() if d.is_main else None)[0]:
+        raise CheckpointError(f"{path} is a sharded checkpoint and rank(s) {', '.join(map(str, lacking))} do not "
+                              "hold its files (nodes without a shared disk): use a --checkpoint-dir every node "
+                              "shares, or --mirror")
+    received = distributed.broadcast_file(d, path if d.is_main else None, lacking)
+    if received is not None:
+        with tempfile.TemporaryDirectory(prefix="train-improved-received-") as aside:
+            copy = Path(aside) / path.name
+            copy.write_bytes(received)
+            state, footer = load_checkpoint(copy, shards=False)  # verified here too: digest, safe loading
+            if footer.get("digest") != digest:
+                raise CheckpointError(f"the copy of {path.name} received from rank 0 is not the checkpoint it chose")
+            info = dataclasses.replace(describe(copy), path=path)
+    elif not d.is_main:
+        state, _ = load_checkpoint(path, shards=False)
+        info = describe(path)
+    return state, info
+
+
+def _footer_digest(path: Path) -> str | None:
+    try:
+        return read_footer(path).get("digest")
+    except CheckpointError:
+        return None
 
 
 def _open_and_restore(pre: TrainConfig, resume: str | None

@@ -1,0 +1,101 @@
+"""Two nodes without a shared disk (issue 24, its DDP part): each "node" is a torchrun launcher in its own
+mount namespace, with its own directory bind-mounted at the same --checkpoint-dir path, the way real
+nodes have the same path on different disks. Rank 0 (node 0) writes; node 1 never holds a checkpoint,
+so a resume there must receive rank 0's over the process group.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CORPUS_BYTES, TINY, corpus_bytes, step_losses, wait_for_step
+
+pytestmark = pytest.mark.distributed
+STEPS = 24
+ARGS = ["--data", "corpus.txt", *TINY, "--max-steps", str(STEPS), "--num-epochs", "10"]
+
+
+def _can_unshare() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+needs_namespaces = pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare --mount")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cwd: Path, node: int, port: int, *args: str) -> subprocess.Popen:
+    """Node `node` of 2: its own disk (cwd/disk_<node>) at the shared path cwd/ck, one process."""
+    disk, mount_at = cwd / f"disk_{node}", cwd / "ck"
+    disk.mkdir(exist_ok=True)
+    mount_at.mkdir(exist_ok=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                "-m", "train_improved", *args, "--checkpoint-dir", str(mount_at)]
+    script = f"mount --bind {disk} {mount_at} && exec {' '.join(map(str, torchrun))}"
+    return subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", script], cwd=cwd,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def run_both(cwd: Path, *args: str, stop_at: int | None = None) -> list[str]:
+    port = free_port()
+    nodes = [launch(cwd, node, port, *args) for node in (0, 1)]
+    if stop_at is not None:
+        wait_for_step(cwd / "runs" / "metrics.jsonl", stop_at, nodes[0])
+        nodes[0].send_signal(signal.SIGTERM)  # what a scheduler sends one node's agent
+    errs = [p.communicate(timeout=600)[1] for p in nodes]
+    return [f"exit {p.returncode}\n{e}" for p, e in zip(nodes, errs, strict=True)]
+
+
+@needs_namespaces
+def test_a_ddp_run_on_two_nodes_resumes_when_only_rank_0_holds_the_checkpoint(tmp_path: Path) -> None:
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    for d in (reference, victim):
+        d.mkdir()
+        (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
+    out = run_both(reference, *ARGS)
+    assert all(o.startswith("exit 0") for o in out), out
+    out = run_both(victim, *ARGS, stop_at=random.randint(6, 18))  # seeded: conftest.TEST_SEED
+    assert out[0].startswith(f"exit {128 + signal.SIGTERM}") or out[0].startswith("exit 1"), out
+    assert list((victim / "disk_0").glob("emergency_step_*.pt")) and not any((victim / "disk_1").iterdir())
+    out = run_both(victim, *ARGS, "--resume", "latest")
+    assert all(o.startswith("exit 0") for o in out), out
+    ours, theirs = step_losses(victim / "runs" / "metrics.jsonl"), step_losses(reference / "runs" / "metrics.jsonl")
+    assert ours == theirs  # every step, before and after the stop, bitwise
+    final = torch.load(victim / "disk_0" / "latest.pt", weights_only=True)["model"]
+    expected = torch.load(reference / "disk_0" / "latest.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], v) for k, v in expected.items())
+
+
+@needs_namespaces
+def test_a_sharded_checkpoint_that_only_one_node_holds_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
+    (tmp_path / "disk_0").mkdir()
+    made = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "train_improved", "--fsdp", *ARGS, "--max-steps", "4", "--checkpoint-dir",
+                           str(tmp_path / "disk_0")], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]  # a shared disk then; node 1's disk is empty now
+    out = run_both(tmp_path, "--fsdp", *ARGS, "--max-steps", "8", "--resume", "latest")
+    assert not any(o.startswith("exit 0") for o in out), out
+    assert "is a sharded checkpoint and rank(s) 1 do not hold its files" in out[0], out[0][-2000:]
+    assert "use a --checkpoint-dir every node shares, or --mirror" in out[0]
+    assert "train_improved/" not in out[0] and "train_improved/" not in out[1]  # no traceback of ours (torchrun
+    # prints its own ChildFailedError for a worker that exits 1)
