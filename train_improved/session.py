@@ -181,7 +181,7 @@ def _same_checkpoint_on_every_rank(d: distributed.Dist, path: Path, digest: str 
     if distributed.gather(d, path.is_dir() if d.is_main else None)[0]:
         raise CheckpointError(f"{path} is a sharded checkpoint and rank(s) {', '.join(map(str, lacking))} do not "
                               "hold its files (nodes without a shared disk): use a --checkpoint-dir every node "
-                              "shares, or --mirror")
+                              "shares (sharded state is not yet fetched from a --mirror on each node)")
     received = distributed.broadcast_file(d, path if d.is_main else None, lacking)
     if received is not None:
         with tempfile.TemporaryDirectory(prefix="train-improved-received-") as aside:
