@@ -181,3 +181,22 @@ def test_init_from_a_safetensors_file_trains_as_from_its_checkpoint(run: Path, t
                                  monkeypatch=monkeypatch)
     assert code == 1 and "does not fit the model: mis-shaped: " in err and "Traceback" not in err, err
     assert not (wrong / "checkpoints").exists() and not (wrong / "runs").exists()
+
+
+def test_an_export_that_does_not_read_back_identical_is_removed(run: Path, tmp_path: Path, monkeypatch) -> None:
+    from train_improved.checkpoint import storage
+
+    real = storage.replace_file
+
+    def flips_a_byte(final: Path, data: bytes) -> None:  # the disk returns other bytes than were written
+        real(final, data)
+        with open(final, "r+b") as f:
+            f.seek(len(data) - 3)
+            byte = f.read(1)
+            f.seek(len(data) - 3)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+    monkeypatch.setattr(storage, "replace_file", flips_a_byte)
+    target = tmp_path / "model.safetensors"
+    code, err = train_in_process("--export", "latest", "--to", str(target), cwd=run, monkeypatch=monkeypatch)
+    assert code == 1 and "did not read back identical" in err and not target.exists(), err
