@@ -172,13 +172,14 @@ def _same_checkpoint_on_every_rank(d: distributed.Dist, path: Path, digest: str 
     A sharded checkpoint is not sent so: a rank without its files says so in one line.
     """
     holds = d.is_main or (path.exists() and _footer_digest(path) == digest)
-    lacking = [rank for rank, held in enumerate(distributed.gather(d, holds)) if not held]
+    seen = distributed.gather(d, (holds, path.is_dir() if d.is_main else None))  # one round: who holds it, sharded?
+    lacking = [rank for rank, (held, _) in enumerate(seen) if not held]
     if not lacking:
         if not d.is_main:
             state, _ = load_checkpoint(path, shards=False)  # rank 0 has just verified every shard file
             info = describe(path)
         return state, info
-    if distributed.gather(d, path.is_dir() if d.is_main else None)[0]:
+    if seen[0][1]:
         raise CheckpointError(f"{path} is a sharded checkpoint and rank(s) {', '.join(map(str, lacking))} do not "
                               "hold its files (nodes without a shared disk): use a --checkpoint-dir every node "
                               "shares (sharded state is not yet fetched from a --mirror on each node)")
