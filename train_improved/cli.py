@@ -7,6 +7,7 @@ Heavy imports (torch) happen inside the commands, so `--help` and `--list-checkp
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from .progress import configure_logging, err_console
 _D = TrainConfig()
 # `train --help` in groups, in the order a user reads them.
 _PANELS = {
+    "Your model (a task)": ["task", "num-workers"],
     "Model": ["n-layer", "n-head", "n-embd", "block-size", "dropout", "vocab-size"],
     "Data": ["data"],
     "Optimization": ["batch-size", "mini-batch-size", "lr", "min-lr", "warmup-steps", "weight-decay", "grad-clip",
@@ -75,6 +77,12 @@ def _print_version(shown: bool) -> None:
 
 
 def train(
+    ctx: typer.Context,
+    task: Annotated[Str, _opt("task", "Train your own model: a task file (my_task.py) or module (pkg.task) with "
+                                      "model(), datasets() and loss(); its own options follow on the command line "
+                                      "(train --task FILE --help lists them). Default: the built-in GPT.")] = None,
+    num_workers: Annotated[Int, _opt("num-workers", "DataLoader worker processes reading a task's samples "
+                                                    "(0: read in the training loop).")] = None,
     data: Annotated[Str, _opt("data", "Text file, directory of .txt, or directory of .npy/.bin token shards. "
                                       "Default: a corpus built from the Python standard library's sources.")] = None,
     vocab_size: Annotated[Int, _opt("vocab-size", "Vocabulary size (default: 256 for text, from the shards otherwise).")] = None,
@@ -159,6 +167,12 @@ def train(
     given = {k: v for k, v in locals().items() if k in config.OPTION_NAMES and v is not None}
     configure_logging()
     try:
+        if ctx.args:  # options train does not know: the task's own (checked against its Options when it loads)
+            if not (task or resume or config_file):
+                raise ConfigError(f"no such option: {ctx.args[0]} (a task's own options need --task)")
+            from .task import parse_extra_args
+
+            given["task_options"] = parse_extra_args(ctx.args)
         if list_checkpoints:
             from .listing import list_checkpoints as show
 
@@ -230,12 +244,47 @@ def _normalize_argv(argv: list[str]) -> list[str]:
 
 def train_app() -> typer.Typer:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(train)
+    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(train)
     return app
 
 
 def main() -> None:
-    train_app()(args=_normalize_argv(sys.argv[1:]), prog_name="train")
+    argv = _normalize_argv(sys.argv[1:])
+    spec = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--task"),
+                next((a.split("=", 1)[1] for a in argv if a.startswith("--task=")), None))
+    if spec is None or "--help" not in argv:
+        train_app()(args=argv, prog_name="train")
+        return
+    try:
+        train_app()(args=argv, prog_name="train")
+    finally:
+        _print_task_options(spec)
+
+
+def _print_task_options(spec: str) -> None:
+    """After `train --task X --help`: the task's own options, as a panel like train's."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    from .task import TaskError, load_task, option_fields
+
+    try:
+        task = load_task(spec)
+    except TaskError as e:
+        err_console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return
+    table = Table.grid(padding=(0, 2))
+    for f in option_fields(task):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kind = type(default).__name__ if default is not None else "str"
+        table.add_row(f"[bold cyan]--{f.name.replace('_', '-')}[/]", f"[yellow]{kind.upper()}[/]",
+                      f"[dim]\\[default: {escape(str(default))}][/dim]")
+    doc = (task.module.__doc__ or "").strip().splitlines()
+    title = f"Options of task {task.name}" + (f": {doc[0]}" if doc else "")
+    from rich.console import Console
+
+    Console().print(Panel(table if table.row_count else "(none)", title=title, title_align="left",
+                          border_style="dim"))
 
 
 def resume_command_main() -> None:

@@ -27,6 +27,10 @@ class DataError(Exception):
 
 @dataclass
 class TrainConfig:
+    # your model and data (task.py): None trains the built-in GPT below
+    task: str | None = None  # a task file (my_task.py) or module (pkg.my_task)
+    task_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the task's own options
+    num_workers: int = 2  # DataLoader worker processes reading a task's samples; 0 reads in the loop
     # data
     data: str | None = None  # None: the built-in corpus made from the Python standard library's sources
     vocab_size: int | None = None  # None: 256 for bytes, else taken from the token shards
@@ -93,12 +97,15 @@ class TrainConfig:
         return parse_mirror_options(self.mirror_options)
 
     def with_absolute_paths(self) -> TrainConfig:
-        """--data made absolute, as a run stores it: a resume typed in another directory
+        """--data (and a --task file) made absolute, as a run stores it: a resume typed in another directory
         (`train --resume /runs/a/checkpoints/latest.pt`) reads the same data. Logs are written where
         the command runs (relative --log-dir / --metrics-file), which suits a new machine too."""
-        if self.data is None:
-            return self
-        return dataclasses.replace(self, data=str(Path(self.data).expanduser().absolute()))
+        out = self
+        if self.data is not None:
+            out = dataclasses.replace(out, data=str(Path(self.data).expanduser().absolute()))
+        if self.task is not None and (self.task.endswith(".py") or Path(self.task).expanduser().exists()):
+            out = dataclasses.replace(out, task=str(Path(self.task).expanduser().absolute()))  # a file, not a module
+        return out
 
     @property
     def final_lr(self) -> float:
@@ -111,6 +118,8 @@ class TrainConfig:
 
 
 OPTION_NAMES = [f.name for f in fields(TrainConfig)]
+# The built-in GPT's own options: a --task brings its model and data, so these would be silently ignored.
+GPT_OPTIONS = ("data", "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "dropout", "sample_length")
 METRICS = ("val_loss", "train_loss")  # what the trainer measures, so what --metric may name
 ENV_VARS = {"CHECKPOINT_DIR": "checkpoint_dir", "CHECKPOINT_KEEP_LAST": "keep_checkpoints",
             "CHECKPOINT_FREQ": "checkpoint_freq", "CHECKPOINT_MIRROR": "mirror",
@@ -154,7 +163,7 @@ def _parse_with_units(value: Any, units: dict[str, int], what: str, example: str
     return number * units[unit]
 
 
-def _parse_bool(value: Any) -> bool:
+def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -186,20 +195,29 @@ def _parse_optional_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _parse_task_options(value: Any) -> dict[str, Any]:
+    """A [task] table (TOML), a dict (the command line, a checkpoint), or a JSON object (the environment)."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError("expected a table of the task's options")
+    return {str(k).replace("-", "_"): v for k, v in value.items()}
+
+
 def _parse_optional_float(value: Any) -> float | None:
     return None if value is None or str(value).lower() in ("none", "") else float(value)
 
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "data": _parse_optional_str, "metrics_file": _parse_optional_str, "mirror": _parse_optional_str,
-    "mirror_options": _parse_optional_str,
+    "mirror_options": _parse_optional_str, "task": _parse_optional_str, "task_options": _parse_task_options,
     "vocab_size": _parse_optional_int, "max_steps": _parse_optional_int,
     "checkpoint_freq": _parse_freq, "min_free_space": parse_size, "mtbf": parse_duration,
     "emergency_budget": parse_duration, "log_interval": parse_duration, "min_lr": _parse_optional_float,
 }
 for _f in fields(TrainConfig):
     if _f.name not in _PARSERS:
-        _PARSERS[_f.name] = {int: _parse_int, float: float, bool: _parse_bool, str: str}[type(_f.default)]
+        _PARSERS[_f.name] = {int: _parse_int, float: float, bool: parse_bool, str: str}[type(_f.default)]
 
 
 def coerce(values: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -234,6 +252,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     if isinstance(data.get("train"), dict):  # also accept the options under a [train] table
         data = {**{k: v for k, v in data.items() if k != "train"}, **data["train"]}
+    if "task" in data and isinstance(data["task"], dict):  # [task]: the task's own options
+        data["task_options"] = data.pop("task")
     return coerce(data, f"config file {path}")
 
 
@@ -242,15 +262,33 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def resolve(*, cli: Mapping[str, Any], environ: Mapping[str, str], config_file: str | None,
-            stored: Mapping[str, Any] | None = None, check: bool = True) -> TrainConfig:
-    """Merge the sources by precedence and (unless check=False) validate the result."""
+            stored: Mapping[str, Any] | None = None, check: bool = True,
+            task_defaults: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Merge the sources by precedence and (unless check=False) validate the result.
+
+    `task_defaults` (a task's DEFAULTS) sit just above the built-in defaults; a task run has no
+    --max-steps unless one is given (the 1650 steps are the demo's).
+    """
     merged: dict[str, Any] = {}
+    if task_defaults is not None:
+        merged.update({"max_steps": None, **coerce(task_defaults, "the task's DEFAULTS")})
     if stored:
         merged.update({k: v for k, v in stored.items() if k in _PARSERS})  # a newer version may have dropped some
+    given: dict[str, Any] = {}
     if config_file:
-        merged.update(load_toml(config_file))
-    merged.update(from_env(environ))
-    merged.update(coerce(cli, "command line"))
+        given.update(load_toml(config_file))
+    given.update(from_env(environ))
+    cli_values = coerce(cli, "command line")
+    task_options = {**merged.get("task_options", {}), **given.get("task_options", {}),
+                    **cli_values.get("task_options", {})}  # one option of the task overrides one, not all
+    given.update(cli_values)
+    if check and (merged.get("task") or given.get("task")):
+        if wrong := [k for k in GPT_OPTIONS if k in given]:
+            raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in wrong)}: an option of the built-in "
+                              "GPT; with --task, the task builds the model and data (its own options: "
+                              "train --task FILE --help)")
+    merged.update(given)
+    merged["task_options"] = task_options
     if "batch_size" in merged and "mini_batch_size" not in merged:
         merged["mini_batch_size"] = merged["batch_size"]  # no gradient accumulation unless asked for
     cfg = TrainConfig(**merged)
@@ -262,6 +300,8 @@ def resolve(*, cli: Mapping[str, Any], environ: Mapping[str, str], config_file: 
 def validate(cfg: TrainConfig) -> None:
     """Collect every problem and raise once, each saying how to fix it."""
     p = []
+    if cfg.num_workers < 0:
+        p.append(f"--num-workers cannot be negative (got {cfg.num_workers})")
     positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "mini_batch_size", "num_epochs",
                 "eval_interval", "eval_steps", "keep_checkpoints", "keep_emergency_checkpoints"]
     for name in positive:
@@ -305,18 +345,22 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("; ".join(p))
 
 
-def _best_metric_problems(cfg: TrainConfig) -> list[str]:
+def _best_metric_problems(cfg: TrainConfig, task_metrics: list[str] | None = None) -> list[str]:
+    """`task_metrics`: what a task's metrics() reports (None: not known yet, any name is taken for now)."""
     p = []
-    if cfg.metric not in METRICS:
+    if cfg.task is not None and task_metrics is not None and cfg.metric not in (*METRICS, *task_metrics):
+        p.append(f"--metric {cfg.metric!r} is not a metric this run produces: choose "
+                 f"{', '.join((*METRICS, *task_metrics))} (task metrics come from its metrics() function)")
+    elif cfg.task is None and cfg.metric not in METRICS:
         p.append(f"--metric {cfg.metric!r} is not a metric this run produces: choose {' or '.join(METRICS)}")
     if cfg.mode not in ("min", "max"):
         p.append(f"--mode must be min or max (got {cfg.mode!r})")
     return p
 
 
-def check_best_metric(cfg: TrainConfig) -> None:
+def check_best_metric(cfg: TrainConfig, task_metrics: list[str] | None = None) -> None:
     """--metric and --mode alone, before a resume reads a checkpoint's best record with them."""
-    if p := _best_metric_problems(cfg):
+    if p := _best_metric_problems(cfg, task_metrics):
         raise ConfigError("; ".join(p))
 
 

@@ -8,9 +8,10 @@
   * a UTF-8 text file, or a directory of .txt files (sorted), byte-level; the last 10% is held out;
   * a directory of token shards, *.npy or nanoGPT-style *.bin (raw uint16), split into train and
     val by file name.
-Training reads windows of `block_size + 1` tokens in a shuffled order per epoch (`ShuffledSampler`):
-independent windows in every batch, as nanoGPT samples them, with a position (epoch, index) that
-checkpoints store, so a resume continues with exactly the next batch on any number of ranks.
+Training reads windows of `block_size + 1` tokens in a shuffled order per epoch (`ShuffledSampler`, a
+`samples.SampleOrder`): independent windows in every batch, as nanoGPT samples them, with a position
+(epoch, index) that checkpoints store, so a resume continues with exactly the next batch on any
+number of ranks.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from .config import DataError
+from .samples import SampleOrder
 
 CORPUS_VERSION = 2  # bump when the built-in corpus's construction changes
 SHARD_TOKENS = 8 * 1024 * 1024  # built-in corpus shard size (tokens = bytes)
@@ -205,30 +207,27 @@ class TokenWindows:
         return h.hexdigest()[:16]
 
 
-class ShuffledSampler:
-    """Which training windows each optimizer step reads: shuffled, deterministic and resumable.
+class ShuffledSampler(SampleOrder):
+    """Which training windows each optimizer step reads: a `SampleOrder` over the windows of the split.
 
-    Every epoch visits all windows of the training split once, in an order drawn from
-    (seed, epoch), with the window grid shifted by a phase drawn from the same pair (so the cut
-    points differ from epoch to epoch). Step after step takes the next `batch_size` windows of that
-    order, whatever the number of ranks: micro-batch k of a step is windows [k·m, (k+1)·m) of the
-    step's share, and rank r computes the micro-batches k ≡ r (mod world size). The position is
-    (epoch, index) alone, plain data in every checkpoint, so a resume reads exactly the next windows
-    and a resume on another number of ranks reads the same windows at every step.
+    Every epoch visits all windows once, in an order drawn from (seed, epoch), with the window grid
+    shifted by a phase drawn from the same pair (so the cut points differ from epoch to epoch).
     """
 
     def __init__(self, windows: TokenWindows, batch_size: int, seed: int) -> None:
-        self.windows, self.batch_size, self.seed = windows, batch_size, seed
-        self.steps_per_epoch = windows.count // batch_size
-        self.epoch, self.index = 0, 0  # the next step reads windows [index, index + batch_size) of this epoch
-        self._order: tuple[int, int, np.ndarray] | None = None  # (epoch, phase, permutation)
+        super().__init__(windows.count, batch_size, seed)
+        self.windows = windows
+        self._phases: dict[int, int] = {}
+
+    def _draw(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        self._phases = {e: p for e, p in self._phases.items() if e == epoch - 1}
+        self._phases[epoch] = int(rng.integers(self.windows.block_size))
+        return rng.permutation(self.windows.count)
 
     def _epoch_order(self) -> tuple[int, np.ndarray]:
-        if self._order is None or self._order[0] != self.epoch:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            phase = int(rng.integers(self.windows.block_size))
-            self._order = (self.epoch, phase, rng.permutation(self.windows.count))
-        return self._order[1], self._order[2]
+        order = self.permutation(self.epoch)
+        return self._phases[self.epoch], order
 
     def micro_batch(self, k: int, size: int, *, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Micro-batch `k` (of `size` windows) of the next step."""
@@ -236,33 +235,11 @@ class ShuffledSampler:
         start = self.index + k * size
         return self.windows.gather(order[start:start + size], phase, pin=pin)
 
-    def advance(self) -> bool:
-        """Move past the step just taken; True if that step finished an epoch (a partial batch is dropped)."""
-        self.index += self.batch_size
-        if self.index + self.batch_size <= self.windows.count:
-            return False
-        self.epoch, self.index = self.epoch + 1, 0
-        return True
-
-    def restart(self) -> None:
-        """Start a new epoch now (used when the data changed under a resumed run)."""
-        if self.index:
-            self.epoch, self.index = self.epoch + 1, 0
-
-    def steps_left(self, num_epochs: int) -> int:
-        return max(0, (num_epochs - self.epoch) * self.steps_per_epoch - self.index // self.batch_size)
-
     def state_dict(self) -> dict[str, Any]:
         phase, order = self._epoch_order()
         shard, pos = self.windows.position(int(order[self.index]), phase) if self.index < len(order) else (0, 0)
         return {"epoch": self.epoch, "index": self.index, "curr_shard": shard, "curr_pos": pos,
                 "fingerprint": self.windows.fingerprint}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        epoch, index = int(state["epoch"]), int(state["index"])
-        if epoch < 0 or not 0 <= index < max(1, self.windows.count):
-            raise DataError(f"the checkpoint's data position (epoch {epoch}, window {index}) is outside this data")
-        self.epoch, self.index = epoch, index
 
 
 def evaluation_windows(windows: TokenWindows, count: int) -> list[int]:

@@ -96,6 +96,14 @@ def total(d: Dist, value: torch.Tensor) -> float:
     return t.item()
 
 
+def totals(d: Dist, values: torch.Tensor) -> list[float]:
+    """The element-wise sums of a 1-d tensor over ranks, on every rank, as floats: one host sync."""
+    t = values.detach().to(torch.float64)
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def gather(d: Dist, obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank (plain data and CPU tensors)."""
     if not d.enabled:

@@ -129,13 +129,13 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **_adamw_kernels(device_type))
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **adamw_kernels(device_type))
 
     @staticmethod
     def apply_optimizer_options(optimizer: torch.optim.Optimizer, weight_decay: float, *, device_type: str) -> None:
         """This run's weight decay and kernels, on an optimizer whose loaded param_groups carry another run's."""
         for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0), strict=True):
-            group.update(weight_decay=decay, **_adamw_kernels(device_type))
+            group.update(weight_decay=decay, **adamw_kernels(device_type))
 
     @torch.no_grad()
     def generate(
@@ -165,7 +165,7 @@ def sample_text(model: GPT, prompt: bytes, length: int, *, temperature: float = 
     return bytes(out[0].tolist()).decode("utf-8", errors="replace")
 
 
-def _adamw_kernels(device_type: str) -> dict[str, bool | None]:
+def adamw_kernels(device_type: str) -> dict[str, bool | None]:
     """Fused into one kernel on CUDA (as nanoGPT), multi-tensor (foreach) elsewhere."""
     fused = device_type == "cuda"
     return {"fused": fused, "foreach": None if fused else True}

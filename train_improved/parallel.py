@@ -1,6 +1,6 @@
 """How the model is spread over torchrun's ranks: replicated (DDP) or sharded (FSDP2), and its state.
 
-    model = parallel.wrap(raw_model, dist, fsdp=cfg.fsdp)
+    model = parallel.wrap(raw_model, dist, fsdp=cfg.fsdp, units=list(raw_model.blocks))
     model_state, optimizer_state = parallel.state_dicts(raw_model, optimizer, fsdp=cfg.fsdp)
 
 With DDP every rank holds the whole model and the checkpoint holds the raw module's state_dict
@@ -20,16 +20,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import sharded
 from .distributed import Dist
-from .model import GPT
 
 
-def wrap(raw_model: GPT, d: Dist, *, fsdp: bool) -> torch.nn.Module:
-    """The module the loop calls: `raw_model` itself (sharded in place under FSDP2), or a DDP wrapper."""
+def wrap(raw_model: torch.nn.Module, d: Dist, *, fsdp: bool, units: list[torch.nn.Module]) -> torch.nn.Module:
+    """The module the loop calls: `raw_model` itself (sharded in place under FSDP2, each of `units` its own
+    all-gather, as torchtitan shards each block), or a DDP wrapper."""
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in raw_model.blocks:  # one all-gather per block, as in torchtitan
-            fully_shard(block)
+        for unit in units:
+            fully_shard(unit)
         fully_shard(raw_model)  # in place: parameters become DTensors, each rank holds 1/N
         return raw_model
     return DistributedDataParallel(raw_model) if d.enabled else raw_model

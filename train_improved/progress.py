@@ -33,8 +33,8 @@ def configure_logging(verbose: bool = False) -> None:
 class RichProgress:
     """Step, loss, lr, tokens/s and ETA: a bar on a terminal, a timestamped line per interval otherwise."""
 
-    def __init__(self, console: Console = err_console, log_interval: float = 60.0) -> None:
-        self.console = console
+    def __init__(self, console: Console = err_console, log_interval: float = 60.0, unit: str = "tok/s") -> None:
+        self.console, self.unit = console, unit
         self.log_interval = log_interval
         self._bar: Progress | None = None
         self._task = None
@@ -49,26 +49,26 @@ class RichProgress:
         if self.console.is_terminal:
             self._bar = Progress(
                 TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"
+                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} {task.fields[unit]}"
                            "{task.fields[mirror]}"),
                 TimeRemainingColumn(), console=self.console,
             )
             self._task = self._bar.add_task("train", total=total, completed=completed, loss=float("nan"),
-                                            lr=0.0, tps=0.0, mirror="")
+                                            lr=0.0, tps=0.0, unit=self.unit, mirror="")
             self._bar.start()
 
     def update(self, step: int, **fields: float) -> None:
-        """loss, lr, tokens_per_s; and mirror_lag (steps the mirror is behind) when the run has a mirror."""
+        """loss, lr, rate (tokens or samples per second); and mirror_lag (steps the mirror is behind) when the run has a mirror."""
         mirror = f"  mirror {fields['mirror_lag']} steps behind" if "mirror_lag" in fields else ""
         if self._bar is not None:
             self._bar.update(self._task, completed=step, loss=fields["loss"], lr=fields["lr"],
-                             tps=fields["tokens_per_s"], mirror=mirror)
+                             tps=fields["rate"], mirror=mirror)
             return
         now = time.monotonic()
         if now >= self._next_line or step == self._total:
             self.console.print(f"{datetime.now():%Y-%m-%d %H:%M:%S} step {step}/{self._total}  "
                                f"loss {fields['loss']:.4f}  lr {fields['lr']:.2e}  "
-                               f"{fields['tokens_per_s']:,.0f} tok/s{mirror}  ETA {self._eta(now, step)}",
+                               f"{fields['rate']:,.0f} {self.unit}{mirror}  ETA {self._eta(now, step)}",
                                highlight=False, soft_wrap=True)
             self._next_line = now + self.log_interval
 

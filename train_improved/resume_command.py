@@ -19,6 +19,8 @@ from . import config
 from .checkpoint import CheckpointError, CorruptCheckpointError, layout, verify_file
 from .config import ConfigError, TrainConfig
 from .overrides import NOTES, WHY, Change, Effect, classify, incompatible
+from .task import locate as locate_task
+from .task import source_digest
 
 _STYLE = {Effect.HARMLESS: "green", Effect.ELASTIC: "cyan", Effect.TRAJECTORY: "yellow", Effect.INCOMPATIBLE: "bold red"}
 # Flags spelled --x / --no-x: every boolean option.
@@ -48,10 +50,11 @@ def continued_args(args: dict[str, Any], path: Path) -> dict[str, Any]:
     return args
 
 
-def parse_overrides(args: list[str]) -> dict[str, Any]:
+def parse_overrides(args: list[str], *, task: bool = False) -> dict[str, Any]:
     """`--lr 1e-3 --no-async-save --compile` -> {"lr": 0.001, "async_save": False, "compile": True}.
 
-    `--world-size N` proposes resuming on N ranks (torchrun --nproc_per_node N).
+    `--world-size N` proposes resuming on N ranks (torchrun --nproc_per_node N). With `task`, options
+    train does not know are the task's (`--width 64` -> {"task_options": {"width": "64"}}).
     """
     raw: dict[str, Any] = {}
     i = 0
@@ -74,6 +77,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--{name} needs a value")
         i += 1
     world = raw.pop("world_size", None)
+    if task:
+        theirs = {k: raw.pop(k) for k in list(raw) if k not in config.OPTION_NAMES}
+        if theirs:
+            raw["task_options"] = theirs
     out = config.coerce(raw, "command line")
     if world is not None:
         try:
@@ -90,6 +97,11 @@ def command_for(path: Path, args: dict[str, Any]) -> str:
     launcher = ["torchrun", "--nproc_per_node", str(world), "-m", "train_improved"] if world > 1 else ["train"]
     words = [*launcher, "--resume", str(path.resolve())]
     for key, value in args.items():
+        if key == "task_options":
+            for name, v in value.items():
+                flag = "--" + name.replace("_", "-")
+                words += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, str(v)]
+            continue
         if key not in config.OPTION_NAMES or value is None:
             continue
         flag = "--" + key.replace("_", "-")
@@ -137,7 +149,16 @@ def main(checkpoint: str, extra: list[str], *, compare: bool) -> int:
     if not isinstance(old, dict):
         raise CheckpointError(f"{path} holds no training options (not written by the train command?)")
     old = {**continued_args(old, path), "world_size": int(footer.get("world_size") or 1)}
-    new = {**old, **parse_overrides(extra)}
+    proposed = parse_overrides(extra, task=bool(old.get("task")))
+    new = {**old, **proposed}
+    if "task_options" in proposed:
+        new["task_options"] = {**(old.get("task_options") or {}), **proposed["task_options"]}
+    if new.get("task"):  # what the task file holds now, against what the checkpoint was trained with
+        try:
+            new["task_digest"] = source_digest(locate_task(new["task"]))
+        except ConfigError:
+            pass  # the file is gone: the resume will say so
+    
     cfg = TrainConfig(**{k: v for k, v in new.items() if k in config.OPTION_NAMES})
     config.validate(cfg)
     config.batch_split(cfg.batch_size, cfg.mini_batch_size, new["world_size"])  # refused here as in train

@@ -57,19 +57,21 @@ class SavePoints:
 
     def evaluate_and_save(self, stop: GracefulStop, save: bool = True) -> list[Kind]:
         t = self.t
-        val = t.evaluate(stop)
-        if val is None:
+        measured = t.evaluate(stop)
+        if measured is None:
             return []
-        t.val_loss, t.last_eval_step = val, t.step
+        val = measured.pop("val_loss")
+        t.val_loss, t.val_metrics, t.last_eval_step = val, measured, t.step
         assert t.metrics is not None
-        t.metrics.log("eval", step=t.step, val_loss=val)
+        t.metrics.log("eval", step=t.step, val_loss=val, **measured)
         # Rank 0's store holds the one best tracker; every rank must take the same decision (a save is collective).
         improved = t.manager is not None and t.manager.is_improvement(t.metrics_now())
         improved = distributed.any_rank(t.dist, improved, t.device)
         if t.manager is not None:
             best = t.manager.best_value
             note = "new best" if improved else f"best {self.cfg.metric} {best:.4f}" if best is not None else "no best"
-            logger.info("step %d: val_loss %.4f (%s)", t.step, val, note)
+            shown = "".join(f", {k} {v:.4f}" for k, v in measured.items())
+            logger.info("step %d: val_loss %.4f%s (%s)", t.step, val, shown, note)
         kinds = [Kind.BEST] if improved else []
         if save:
             self.save(kinds)
@@ -114,7 +116,7 @@ class SavePoints:
             shards = t.shard_writer.start(distributed.gather(t.dist, staging)[0], tensors)
         if t.manager is None:
             return []
-        options = dict(epoch=t.epoch, metrics=t.metrics_now(), args=self.cfg.stored_args(), shards=shards,
+        options = dict(epoch=t.epoch, metrics=t.metrics_now(), args=t.stored_args, shards=shards,
                        meta={"world_size": t.dist.world_size, "eval_step": t.last_eval_step})
         if Kind.EMERGENCY in kinds:
             return t.manager.emergency_save(state, step=t.step, budget=emergency_budget, since=since,

@@ -31,6 +31,7 @@ from .overrides import MODEL_SHAPE
 from .progress import err_console
 from .resume_command import continued_args, print_changes
 from .save_points import MIRROR_CATCH_UP_S
+from .task import Task, TaskError, load_task, options_as_dict
 
 
 def checkpoint_options(cfg: TrainConfig) -> CheckpointOptions:
@@ -86,14 +87,18 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
                 raise CheckpointError(f"{info.path} holds no train options: it was written by another training "
                                       "loop, so resume it with the loop that wrote it")
             stored = continued_args(state["args"], info.path)
-        cfg = config.resolve(cli=given, environ=os.environ, config_file=config_file,
-                             stored=stored if stored is not None else shape).with_absolute_paths()
+        cfg, task = _resolve_with_task(given, config_file, stored if stored is not None else shape)
         if stored is not None:
             old = {**stored, "world_size": int(state.get("world_size", 1))}
-            print_changes(old, {**cfg.to_dict(), "world_size": d.world_size},
-                          title="Changes from the checkpoint's options", console=Console(stderr=True, quiet=not d.is_main))
+            now = {**cfg.to_dict(), "world_size": d.world_size, **({"task_digest": task.digest} if task else {})}
+            print_changes(old, now, title="Changes from the checkpoint's options",
+                          console=Console(stderr=True, quiet=not d.is_main))
         # Data and model are built, and so checked, before a fresh run writes anything.
-        trainer = Trainer(cfg, progress=RichProgress(log_interval=cfg.log_interval) if d.is_main else NoProgress())
+        progress = RichProgress(log_interval=cfg.log_interval, unit="samples/s" if task else "tok/s") \
+            if d.is_main else NoProgress()
+        trainer = Trainer(cfg, progress=progress, task=task)
+        if task is not None:
+            config.check_best_metric(cfg, trainer.workload.metric_names)
         if state is not None:
             trainer.load_state_dict(state, info.path)
         elif init_from is not None:
@@ -128,8 +133,9 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
                     err_console.rule("sample from the best model")
                     print(text)
                 val = f"{trainer.val_loss:.4f}" if trainer.val_loss is not None else "-"
-                err_console.print(f"done: step {trainer.step}, val_loss {val}, checkpoints in {cfg.checkpoint_dir}",
-                                  highlight=False, soft_wrap=True)
+                measured = "".join(f", {k} {v:.4f}" for k, v in trainer.val_metrics.items())
+                err_console.print(f"done: step {trainer.step}, val_loss {val}{measured}, checkpoints in "
+                                  f"{cfg.checkpoint_dir}", highlight=False, soft_wrap=True)
             return code
         finally:
             metrics.close()
@@ -138,6 +144,23 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
             # A finished run has waited for the mirror (save_points.finish), a stopped one for its emergency
             # checkpoint's upload (--emergency-budget); a failed one gives the mirror its chance here.
             manager.close(mirror_wait=0 if code == 0 or code >= 128 else MIRROR_CATCH_UP_S)
+
+
+def _resolve_with_task(given: dict[str, Any], config_file: str | None, stored: dict[str, Any] | None
+                       ) -> tuple[TrainConfig, Task | None]:
+    """The final options and, with --task, the imported task: its DEFAULTS sit below every given option,
+    and its options are stored whole (defaults included), as parsed."""
+    cfg = config.resolve(cli=given, environ=os.environ, config_file=config_file, stored=stored, check=False)
+    if cfg.task is None:
+        return config.resolve(cli=given, environ=os.environ, config_file=config_file,
+                              stored=stored).with_absolute_paths(), None
+    task = load_task(cfg.task, cfg.task_options)
+    defaults = getattr(task.module, "DEFAULTS", None) or {}
+    if not isinstance(defaults, dict):
+        raise TaskError(f"--task {cfg.task}: DEFAULTS must be a dict of train's options")
+    cfg = config.resolve(cli=given, environ=os.environ, config_file=config_file, stored=stored,
+                         task_defaults=defaults).with_absolute_paths()
+    return dataclasses.replace(cfg, task_options=options_as_dict(task)), task
 
 
 def _choose_checkpoint(d: distributed.Dist, pre: TrainConfig, resume: str | None
@@ -209,7 +232,12 @@ def _open_and_restore(pre: TrainConfig, resume: str | None
                       ) -> tuple[CheckpointManager | None, dict[str, Any] | None, Any]:
     """Lock the directory and restore `resume` along the fallback chain, the local store first, then the mirror."""
     directory = Path(pre.checkpoint_dir)
-    config.check_best_metric(pre)  # the store seeds its best tracking from these as it restores: refused first
+    # The store seeds its best tracking from --metric and --mode as it restores: refused first. A task's
+    # metrics are known once it runs; a resumed run is a task's if its newest checkpoint says so.
+    if pre.task is None and resume is not None and directory.is_dir():
+        newest = CheckpointManager(directory, read_only=True).latest()
+        pre = dataclasses.replace(pre, task=((newest.meta.get("args") or {}).get("task") if newest else None))
+    config.check_best_metric(pre)
     manager, state, info = None, None, None
     try:
         if resume is not None and (directory.is_dir() or resume not in ("latest", "best", "auto") or pre.mirror):

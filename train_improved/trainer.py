@@ -1,14 +1,16 @@
-"""The training loop: GPT + AdamW + warmup/cosine, with the checkpoint store as its first client.
+"""The training loop: a workload (the built-in GPT, or your task) + AdamW + warmup/cosine, with the
+checkpoint store as its first client.
 
     train                                   # the demo: default model, built-in corpus, a few minutes on CPU
+    train --task examples/digits.py         # your model and data (see task.py)
     train --resume latest                   # continue bitwise-exactly where it stopped
 
 State lives in plain view on the Trainer. Nothing a step does depends on hidden state: the
-learning rate is a function of the step and the options, the windows it reads are a function of
-the sampler's (epoch, index), and the dropout masks of micro-batch k are drawn from a seed made of
+learning rate is a function of the step and the options, the samples it reads are a function of
+the order's (epoch, index), and the dropout masks of micro-batch k are drawn from a seed made of
 (seed, step, k). So a checkpoint, which holds the model, the optimizer and those counters after the
 last finished step, resumes bit for bit, and with another number of ranks every step still reads
-the same windows with the same masks.
+the same samples with the same masks.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ import torch
 from . import distributed, parallel
 from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, sharded
 from .config import ConfigError, DataError, TrainConfig, batch_split
-from .data import ShuffledSampler, TokenWindows, evaluation_windows, load_dataset
 from .metrics import MetricsLogger
-from .model import GPT, GPTConfig, sample_text
 from .save_points import SavePoints
 from .signals import GracefulStop
 from .state import as_plain_rng_state, restore_rng_state, snapshot_rng
+from .task import Task, to_device
+from .workloads import GPTWorkload, TaskWorkload
 
 logger = logging.getLogger("train_improved")
 AUTO_FIRST_INTERVAL = 250  # steps between rolling saves under --checkpoint-freq auto before any cost is known
@@ -81,8 +83,8 @@ def micro_batch_seed(seed: int, step: int, k: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, progress: Progress | None = None) -> None:
-        """Build data, model and optimizer; nothing is written until `run()`."""
+    def __init__(self, cfg: TrainConfig, *, progress: Progress | None = None, task: Task | None = None) -> None:
+        """Build data, model and optimizer (the built-in GPT, or `task`); nothing is written until `run()`."""
         self.cfg = cfg
         self.progress = progress or NoProgress()
         self.dist = distributed.from_environment()
@@ -99,39 +101,33 @@ class Trainer:
         self.autocast = (nullcontext() if cfg.dtype == "float32"
                          else torch.autocast(device_type=device_type, dtype=ptdtype))
 
-        self.dataset = load_dataset(cfg.data, vocab_size=cfg.vocab_size)
-        self.sampler = ShuffledSampler(TokenWindows(self.dataset.train, cfg.block_size, name="train"),
-                                       cfg.batch_size, cfg.seed)
-        if self.sampler.steps_per_epoch == 0:
-            raise DataError(f"the training split holds {self.sampler.windows.count} windows of --block-size "
-                            f"{cfg.block_size}, fewer than one step's --batch-size {cfg.batch_size}")
-        self.val_windows = TokenWindows(self.dataset.val, cfg.block_size, name="validation")
-        self.eval_indices = evaluation_windows(self.val_windows, cfg.eval_steps * cfg.mini_batch_size)
+        where = dict(device=self.device, pin=self.pin, rank=self.dist.rank, world=self.dist.world_size)
+        self.workload = GPTWorkload(cfg, **where) if task is None else \
+            TaskWorkload(task, cfg, accum=self.grad_accum, **where)
+        self.order = self.workload.order  # the data position: which samples the next step reads
         self.step = 0  # optimizer steps completed
         self.epoch = 0  # the epoch of the last completed step
         self.total_steps = self._total_steps()
-
-        self.model_config = GPTConfig(vocab_size=self.dataset.vocab_size, block_size=cfg.block_size,
-                                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.raw_model = GPT(self.model_config).to(self.device)
+        self.raw_model = self.workload.model
+        self.stored_args = {**cfg.stored_args(), **({"task_digest": task.digest} if task is not None else {})}
         if cfg.fsdp and not self.dist.enabled:
             raise ConfigError("--fsdp shards the model across processes: run it under torchrun "
                               "(torchrun --nproc_per_node N -m train_improved --fsdp ...)")
-        self.model = parallel.wrap(self.raw_model, self.dist, fsdp=cfg.fsdp)
+        self.model = parallel.wrap(self.raw_model, self.dist, fsdp=cfg.fsdp, units=self.workload.shard_units())
         # Under --fsdp every rank writes its own shards, in the background: see _checkpoint.
         self.shard_writer = sharded.ShardWriter() if cfg.fsdp else None
         # Checkpoints always hold the raw module's state_dict: no "_orig_mod." or "module." prefix.
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.optimizer = self.raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, device_type=device_type)
+        self.optimizer = self.workload.optimizer(device_type)
         self.scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
 
         self.train_loss: float | None = None
         self.val_loss: float | None = None
+        self.val_metrics: dict[str, float] = {}  # the task's held-out metrics at the last evaluation
         self.last_eval_step = 0
         self.epoch_ended = False  # the last step finished an epoch
-        self._prefetched: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._prefetched: tuple[tuple[int, int], Any] | None = None
         # --checkpoint-freq auto starts at the default interval until a save has been timed.
         self.save_every = cfg.checkpoint_freq if isinstance(cfg.checkpoint_freq, int) else AUTO_FIRST_INTERVAL
         self.step_time: float | None = None  # seconds per step (moving average), for --checkpoint-freq auto
@@ -142,19 +138,18 @@ class Trainer:
 
     def _total_steps(self) -> int:
         """The last step of the run: the end of --num-epochs from the sampler's position, or --max-steps."""
-        end = self.step + self.sampler.steps_left(self.cfg.num_epochs)
+        end = self.step + self.order.steps_left(self.cfg.num_epochs)
         return end if self.cfg.max_steps is None else min(self.cfg.max_steps, end)
 
     def describe(self) -> list[str]:
         """The start-up banner: what is trained, on what, and where it is saved."""
         cfg, d = self.cfg, self.dist
         ranks = f" x {d.world_size} ranks ({'FSDP2' if cfg.fsdp else 'DDP'})" if d.enabled else ""
+        data, model = self.workload.describe(self.device)
         return [
-            f"data: {self.dataset.summary()}",
-            f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters ({cfg.n_layer} layers x {cfg.n_embd}, "
-            f"{cfg.n_head} heads, context {cfg.block_size}), {cfg.dtype} on {self.device}{ranks}",
-            f"schedule: steps {self.step + 1}-{self.total_steps}, batch {cfg.batch_size} x {cfg.block_size} tokens, "
-            f"{self.sampler.steps_per_epoch} steps per epoch, lr {cfg.lr:g} -> {cfg.final_lr:g}"
+            data, model + ranks,
+            f"schedule: steps {self.step + 1}-{self.total_steps}, batch {cfg.batch_size} {self.workload.batch_unit}, "
+            f"{self.order.steps_per_epoch} steps per epoch, lr {cfg.lr:g} -> {cfg.final_lr:g}"
             if self.total_steps > self.step else
             f"schedule: nothing to train: the run already ended at step {self.step} "
             f"({'--max-steps' if cfg.max_steps is not None and cfg.max_steps <= self.step else '--num-epochs'} "
@@ -173,7 +168,7 @@ class Trainer:
         """
         cfg = self.cfg
         model_state, optimizer_state = parallel.state_dicts(self.raw_model, self.optimizer, fsdp=cfg.fsdp)
-        data = self.sampler.state_dict()
+        data = self.order.state_dict()
         state = {
             "step": self.step,
             "epoch": self.epoch,
@@ -185,15 +180,16 @@ class Trainer:
                           "last_lr": learning_rate(cfg, self.step, self.total_steps) if self.step else 0.0},
             "train_loss": self.train_loss,
             "val_loss": self.val_loss,
+            "val_metrics": self.val_metrics,
             "best_val_loss": self.manager.best_value if self.manager is not None else None,  # of --metric
             "last_eval_step": self.last_eval_step,
-            "args": cfg.stored_args(),
+            "args": self.stored_args,
             "world_size": self.dist.world_size,
             "rng_state": as_plain_rng_state(snapshot_rng()),
             # Evaluation reads a fixed set of windows, so the validation position is always its start.
             "dataloader_state": {"train_epoch": data["epoch"], "train_index": data["index"],
-                                 "train_curr_shard": data["curr_shard"], "train_curr_pos": data["curr_pos"],
-                                 "train_fingerprint": data["fingerprint"], "val_curr_shard": 0, "val_curr_pos": 0},
+                                 "train_curr_shard": data.get("curr_shard", 0), "train_curr_pos": data.get("curr_pos", 0),
+                                 "train_fingerprint": self.workload.fingerprint, "val_curr_shard": 0, "val_curr_pos": 0},
             "checkpoint_freq_auto": {"every": self.save_every, "step_time": self.step_time,
                                      "save_cost": self.save_cost},
         }
@@ -209,25 +205,31 @@ class Trainer:
         if "dataloader_state" not in state or "train_index" not in state["dataloader_state"]:
             raise CheckpointError("the checkpoint holds no data position of this version of train_improved "
                                   "(written before shuffled sampling, or by another program)")
+        # The options of this run decide the hyperparameters: the saved param_groups carry the old ones.
+        chosen = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if self.cfg.fsdp:
             assert path is not None
             parallel.load_sharded(self.raw_model, self.optimizer, path, state["optimizer"]["param_groups"])
         else:
             parallel.load_full_weights(self.raw_model, state["model"], fsdp=False)
-            self.optimizer.load_state_dict(state["optimizer"])
-        # The options of this run decide the hyperparameters: the saved param_groups carry the old ones.
-        self.raw_model.apply_optimizer_options(self.optimizer, self.cfg.weight_decay, device_type=self.device_type)
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except ValueError as e:  # a task whose parameter groups changed
+                raise CheckpointError(f"the checkpoint's optimizer does not fit this model: {e}") from None
+        for group, options in zip(self.optimizer.param_groups, chosen, strict=True):
+            group.update(options)
         if self.scaler.is_enabled() and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         data = state["dataloader_state"]
-        self.sampler.load_state_dict({"epoch": data["train_epoch"], "index": data["train_index"]})
-        if data.get("train_fingerprint") != self.sampler.windows.fingerprint:
-            self.sampler.restart()
+        self.order.load_state_dict({"epoch": data["train_epoch"], "index": data["train_index"]})
+        if data.get("train_fingerprint") != self.workload.fingerprint:
+            self.order.restart()
             logger.warning("the training data differs from the checkpoint's: continuing from step %d on this data "
                            "from the start of a new epoch (%d); weights, optimizer and step are kept",
-                           int(state["step"]), self.sampler.epoch)
+                           int(state["step"]), self.order.epoch)
         self.step, self.epoch = int(state["step"]), int(state.get("epoch") or 0)
         self.train_loss, self.val_loss = state.get("train_loss"), state.get("val_loss")
+        self.val_metrics = dict(state.get("val_metrics") or {})
         self.last_eval_step = int(state.get("last_eval_step", self.step))
         auto = state.get("checkpoint_freq_auto") or {}
         if self.cfg.checkpoint_freq == "auto":
@@ -239,11 +241,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def _batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, micro: int) -> Any:
         """This rank's micro-batch `micro` of the next step, on the device (copied asynchronously on CUDA)."""
         k = micro * self.dist.world_size + self.dist.rank
-        x, y = self.sampler.micro_batch(k, self.cfg.mini_batch_size, pin=self.pin)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return to_device(self.workload.train_batch(k), self.device, non_blocking=True)
 
     def train_step(self, stop: GracefulStop) -> float | None:
         """One optimizer step; None if a stop request abandoned it (nothing was updated)."""
@@ -251,7 +252,7 @@ class Trainer:
         lr = learning_rate(cfg, step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        position = (self.sampler.epoch, self.sampler.index)
+        position = (self.order.epoch, self.order.index)
         batch = self._prefetched[1] if self._prefetched and self._prefetched[0] == position else self._batch(0)
         self._prefetched = None
         loss_sum = torch.zeros((), device=self.device)
@@ -262,7 +263,7 @@ class Trainer:
             torch.manual_seed(micro_batch_seed(cfg.seed, step, micro * self.dist.world_size + self.dist.rank))
             with parallel.gradient_sync(self.model, self.raw_model, self.dist, fsdp=cfg.fsdp, last=micro == accum - 1):
                 with self.autocast:
-                    _, loss = self.model(*batch)
+                    loss = self.workload.loss(self.model, batch)
                 if micro + 1 < accum:
                     batch = self._batch(micro + 1)  # the host prepares the next batch while the device computes
                 loss = loss / accum  # the gradient of the mean over the whole batch
@@ -276,35 +277,39 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)  # flush the gradients now, no need for this memory
         self.updating = False
-        self.step, self.epoch = step, self.sampler.epoch
-        self.epoch_ended = self.sampler.advance()
-        self._prefetched = ((self.sampler.epoch, self.sampler.index), self._batch(0))  # while the update runs
+        self.step, self.epoch = step, self.order.epoch
+        self.epoch_ended = self.order.advance()
+        self._prefetched = ((self.order.epoch, self.order.index), self._batch(0))  # while the update runs
         return distributed.mean(self.dist, loss_sum)  # the one host-device sync of a step
 
     @torch.no_grad()
-    def evaluate(self, stop: GracefulStop) -> float | None:
-        """Mean loss over the fixed held-out windows (--eval-steps micro-batches); None if a stop cut it short.
+    def evaluate(self, stop: GracefulStop) -> dict[str, float] | None:
+        """The held-out loss and the workload's metrics, means over its fixed held-out samples; None if a stop
+        cut it short.
 
-        The windows are spread evenly over the whole held-out split and are the same at every
+        The samples are spread evenly over the whole held-out set and are the same at every
         evaluation, whatever the number of ranks, so values compare across evaluations, resumes and
         world sizes. In eval mode dropout draws no random numbers.
         """
         self.model.eval()
-        m, n, world = self.cfg.mini_batch_size, self.cfg.eval_steps, self.dist.world_size
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for round_ in range(-(-n // world)):
+        n, world, names = self.workload.eval_count, self.dist.world_size, ["loss", *self.workload.metric_names]
+        # Micro-batch k goes to rank k mod world; a rank without one in the last round still runs one
+        # (FSDP's forward is a collective), uncounted.
+        ks = [round_ * world + self.dist.rank for round_ in range(-(-n // world))]
+        totals = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)  # sums, then the count
+        for k, (batch, size) in zip(ks, self.workload.eval_batches([min(k, n - 1) for k in ks]), strict=True):
             if distributed.any_rank(self.dist, stop.requested, self.device):
                 self.model.train()
                 return None
-            k = round_ * world + self.dist.rank
-            # A rank without a batch this round still runs one (FSDP's forward is a collective), uncounted.
-            x, y = self.val_windows.gather(self.eval_indices[min(k, n - 1) * m:][:m], pin=self.pin)
             with self.autocast:
-                _, loss = self.model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                values = self.workload.eval_metrics(self.model, to_device(batch, self.device, non_blocking=True))
             if k < n:
-                total += loss.double()
+                for i, name in enumerate(names):
+                    totals[i] += torch.as_tensor(values[name]).to(self.device, torch.float64).reshape(()) * size
+                totals[-1] += size
         self.model.train()
-        return distributed.total(self.dist, total) / n
+        sums = distributed.totals(self.dist, totals)
+        return {("val_loss" if name == "loss" else name): sums[i] / sums[-1] for i, name in enumerate(names)}
 
     # ------------------------------------------------------------------ the loop
 
@@ -321,7 +326,7 @@ class Trainer:
                            "reaches --lr %g", cfg.warmup_steps, self.total_steps, cfg.lr)
         self.progress.start(self.total_steps, self.step)
         saves = SavePoints(self)
-        tokens_per_step = cfg.batch_size * cfg.block_size
+        rate_key, per_step = self.workload.throughput  # tokens (GPT) or samples (a task) per step
         try:
             if self.eval_due(self.step) and self.last_eval_step < self.step:
                 saves.evaluate_and_save(stop)  # an evaluation a stop cut short is redone first
@@ -336,10 +341,9 @@ class Trainer:
                 self.step_time = dt if self.step_time is None else 0.9 * self.step_time + 0.1 * dt
                 self.train_loss = loss
                 lr = self.optimizer.param_groups[0]["lr"]
-                metrics.log("step", step=self.step, epoch=self.epoch, loss=loss, lr=lr,
-                            tokens_per_s=tokens_per_step / dt)
+                metrics.log("step", step=self.step, epoch=self.epoch, loss=loss, lr=lr, **{rate_key: per_step / dt})
                 mirror = manager.mirror if manager is not None else None
-                self.progress.update(self.step, loss=loss, lr=lr, tokens_per_s=tokens_per_step / dt,
+                self.progress.update(self.step, loss=loss, lr=lr, rate=per_step / dt,
                                      **({"mirror_lag": mirror.lag(self.step)} if mirror is not None else {}))
                 saves.after_step(stop)
             signum = saves.agreed_signal(stop)
@@ -357,13 +361,14 @@ class Trainer:
 
     def metrics_now(self) -> dict[str, float]:
         """What --metric can choose from, as measured so far."""
-        return {k: v for k, v in (("val_loss", self.val_loss), ("train_loss", self.train_loss)) if v is not None}
+        measured = {k: v for k, v in (("val_loss", self.val_loss), ("train_loss", self.train_loss)) if v is not None}
+        return {**measured, **self.val_metrics}
 
     # ------------------------------------------------------------------ the end of the demo
 
     def sample(self, length: int) -> str | None:
-        """A short text sample from the best model of this line of training (byte-level data only)."""
-        if length <= 0 or self.dataset.vocab_size != 256 or self.manager is None or self.cfg.fsdp:
+        """A short sample from the best model of this line of training (the built-in GPT on bytes only)."""
+        if length <= 0 or self.manager is None or self.cfg.fsdp or not isinstance(self.workload, GPTWorkload):
             return None  # under --fsdp rank 0 holds only a shard of the model
         best = self.manager.best()
         if best is not None and best.ok and self.manager.on_current_line(best):
@@ -372,4 +377,4 @@ class Trainer:
                 self.raw_model.load_state_dict(state["model"])
             except CheckpointError as e:
                 logger.warning("sampling from the last model instead of %s: %s", best.name, e)
-        return sample_text(self.raw_model, b"\n", length, seed=self.cfg.seed)  # a line start: any text has one
+        return self.workload.sample(length, seed=self.cfg.seed)

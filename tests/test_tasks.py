@@ -1,0 +1,215 @@
+"""`train --task FILE`: a user's model and data with every guarantee of the built-in GPT (issue 22).
+
+The task is examples/digits.py itself (scikit-learn's digits, a small CNN, random shifts drawn
+from torch's generator inside `__getitem__`), made tiny with its own options.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_improved.checkpoint import load_checkpoint, read_footer
+
+from conftest import ROOT, read_metrics, run_train, step_losses, train_in_process, wait_for_step
+
+DIGITS = str(ROOT / "examples" / "digits.py")
+STEPS = 60  # 1437 training images / 32 = 44 steps per epoch: the run crosses one epoch boundary
+SMALL = ["--task", DIGITS, "--width", "8", "--max-steps", str(STEPS), "--batch-size", "32",
+         "--mini-batch-size", "16", "--eval-interval", "10", "--eval-steps", "4", "--checkpoint-freq", "20",
+         "--warmup-steps", "5", "--seed", "3", "--metric", "accuracy", "--mode", "max"]
+
+
+def evals(metrics: Path) -> dict[int, tuple[float, float]]:
+    return {r["step"]: (r["val_loss"], r["accuracy"]) for r in read_metrics(metrics) if r["event"] == "eval"}
+
+
+def final_state(directory: Path) -> dict:
+    return load_checkpoint(directory / "latest.pt")[0]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for pid, moments in a["optimizer"]["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][pid][key])), (pid, key)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: the tiny digits run from start to end, 2 DataLoader workers."""
+    d = tmp_path_factory.mktemp("uninterrupted")
+    run_train(*SMALL, "--num-workers", "2", cwd=d, check=True)
+    return d
+
+
+def test_digits_stopped_by_sigterm_mid_epoch_resumes_bitwise_with_workers(uninterrupted: Path, tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "train_improved", *SMALL, "--num-workers", "2"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "runs" / "metrics.jsonl", random.randint(3, 38), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    emergency = sorted((tmp_path / "checkpoints").glob("emergency_*.pt"))
+    assert len(emergency) == 1
+    stopped_at = read_footer(emergency[0])["step"]
+    assert 0 < stopped_at < STEPS and stopped_at % 44, "the stop is mid-epoch"
+
+    run_train("--resume", "latest", cwd=tmp_path, check=True)  # the task and its options come from the checkpoint
+
+    assert step_losses(tmp_path / "runs" / "metrics.jsonl") == step_losses(uninterrupted / "runs" / "metrics.jsonl")
+    assert evals(tmp_path / "runs" / "metrics.jsonl") == evals(uninterrupted / "runs" / "metrics.jsonl")
+    assert_same_state(final_state(tmp_path / "checkpoints"), final_state(uninterrupted / "checkpoints"))
+    # best_model.pt follows accuracy upwards across the resume: the first evaluation with the highest accuracy.
+    accuracy = {step: acc for step, (_, acc) in evals(uninterrupted / "runs" / "metrics.jsonl").items()}
+    best_step = min(s for s, a in accuracy.items() if a == max(accuracy.values()))
+    best = read_footer(tmp_path / "checkpoints" / "best_model.pt")
+    assert (best["step"], best["best"]["metric"], best["best"]["mode"]) == (best_step, "accuracy", "max")
+    assert best["metrics"]["accuracy"] == max(accuracy.values())
+    assert len(set(accuracy.values())) > 1, "accuracy moved: the best had something to follow"
+
+
+def test_zero_workers_read_what_two_workers_read(uninterrupted: Path, tmp_path: Path) -> None:
+    run_train(*SMALL, "--num-workers", "0", cwd=tmp_path, check=True)
+    assert step_losses(tmp_path / "runs" / "metrics.jsonl") == step_losses(uninterrupted / "runs" / "metrics.jsonl")
+    assert evals(tmp_path / "runs" / "metrics.jsonl") == evals(uninterrupted / "runs" / "metrics.jsonl")
+    assert_same_state(final_state(tmp_path / "checkpoints"), final_state(uninterrupted / "checkpoints"))
+
+
+def test_augmentation_is_drawn_per_sample_so_it_changes_training(uninterrupted: Path, tmp_path: Path) -> None:
+    """The shifts are real: without them (--max-shift 0) the same run learns differently."""
+    run_train(*SMALL, "--num-workers", "0", "--max-shift", "0", "--max-steps", "10", cwd=tmp_path, check=True)
+    without = step_losses(tmp_path / "runs" / "metrics.jsonl")
+    with_shifts = step_losses(uninterrupted / "runs" / "metrics.jsonl")
+    assert without[1] != with_shifts[1]
+
+
+def test_resume_command_and_compare_know_the_task(uninterrupted: Path, tmp_path: Path) -> None:
+    latest = uninterrupted / "checkpoints" / "latest.pt"
+    out = subprocess.run([sys.executable, "-c", "from train_improved.cli import resume_command_main; "
+                          "resume_command_main()", str(latest), "--compare", "--width", "16"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"--task {DIGITS}" in out.stdout and "--width 16" in out.stdout and "--max-shift 1" in out.stdout
+    assert "--width" in out.stdout.split("proposed changes")[1] and "changes the trajectory" in out.stdout
+    # A changed task file is a changed option: the source digest in the checkpoint no longer matches.
+    copy = tmp_path / "digits.py"
+    copy.write_text(Path(DIGITS).read_text() + "\n# edited\n")
+    out = subprocess.run([sys.executable, "-c", "from train_improved.cli import resume_command_main; "
+                          "resume_command_main()", str(latest), "--compare", "--task", str(copy)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "task source (digest)" in out.stdout
+
+
+def test_task_help_lists_the_tasks_own_options(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "train_improved", "--task", DIGITS, "--help"], capture_output=True,
+                         text=True, cwd=tmp_path, env={"COLUMNS": "160", **dict(__import__("os").environ)})
+    assert out.returncode == 0, out.stderr
+    assert "Options of task digits.py" in out.stdout
+    assert "--width" in out.stdout and "--max-shift" in out.stdout and "default: 32" in out.stdout
+
+
+# ---------------------------------------------------------------------- bad input: one line, exit 1, nothing written
+
+GOOD = """
+import torch
+from torch import nn
+
+def model(options):
+    return nn.Linear(4, 2)
+
+def datasets(options):
+    data = [(torch.randn(4), torch.tensor(i % 2)) for i in range(64)]
+    return data, data[:8]
+
+def loss(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+"""
+STATEFUL = """
+class Stateful(nn.Linear):
+    def get_extra_state(self):
+        return {"opened": object()}  # torch.load(weights_only=True) refuses an object
+
+    def set_extra_state(self, state):
+        pass
+
+def model(options):
+    return Stateful(4, 2)"""
+BAD = {
+    "does-not-import": ("import no_such_module_anywhere\n" + GOOD, "does not import: ModuleNotFoundError"),
+    "syntax": (GOOD + "\ndef broken(:\n", "does not import: SyntaxError"),
+    "no-loss": (GOOD.replace("def loss(", "def not_loss("), "defines no loss()"),
+    "model-not-module": (GOOD.replace("return nn.Linear(4, 2)", "return 'a model'"), "not a torch.nn.Module"),
+    "empty-held-out": (GOOD.replace("data[:8]", "data[:0]"), "the held-out set is empty"),
+    "loss-not-scalar": (GOOD.replace("cross_entropy(model(x), y)", "cross_entropy(model(x), y, reduction='none')"),
+                        "loss() must return a scalar tensor, got a tensor of shape (2,)"),
+    "loss-without-grad": (GOOD.replace("return nn.functional", "return nn.functional.cross_entropy(model(x), y)"
+                                                                ".detach()\n    nn.functional"), "without a gradient"),
+    "metric-not-number": (GOOD + "\ndef metrics(model, batch):\n    return {'accuracy': 'high'}\n",
+                          "metrics() returned 'accuracy': str"),
+    "model-raises": (GOOD.replace("return nn.Linear(4, 2)", "raise ValueError('width must be even')"),
+                     "model() raised ValueError: width must be even (task.py:"),
+    "state-not-plain": (GOOD.replace("def model(options):\n    return nn.Linear(4, 2)", STATEFUL),
+                        "cannot be checkpointed safely"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_task_is_one_line_exit_1_and_nothing_written(case: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    source, message = BAD[case]
+    (tmp_path / "task.py").write_text(textwrap.dedent(source))
+    code, err = train_in_process("--task", "task.py", "--max-steps", "2", "--batch-size", "8", cwd=tmp_path,
+                                 monkeypatch=monkeypatch)
+    assert code == 1, err
+    assert message in err, err
+    assert err.strip().startswith("error: --task task.py") and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["task.py"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "missing.py"], "--task missing.py: no such file"),
+    (["--task", "task.py", "--widht", "3"], "--widht: not an option of train nor of --task task.py"),
+    (["--task", "task.py", "--n-layer", "2"], "--n-layer: an option of the built-in GPT"),
+    (["--task", "task.py", "--metric", "accuracy"], "--metric 'accuracy' is not a metric this run produces"),
+    (["--widht", "3"], "no such option: --widht"),
+])
+def test_bad_task_options_are_one_line(args: list[str], message: str, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "task.py").write_text(textwrap.dedent(GOOD))
+    code, err = train_in_process(*args, "--max-steps", "2", "--batch-size", "8", cwd=tmp_path, monkeypatch=monkeypatch)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["task.py"]
+
+
+def test_an_error_inside_the_users_code_while_training_is_theirs(tmp_path: Path) -> None:
+    """Their traceback, the crash's emergency checkpoint, a non-zero exit."""
+    (tmp_path / "task.py").write_text(textwrap.dedent(GOOD) + textwrap.dedent("""
+        calls = 0
+
+        def loss(model, batch):
+            global calls
+            calls += 1
+            if calls == 6:  # the start-up check, then steps 1-4, then step 5
+                raise RuntimeError("the user's bug at step 5")
+            x, y = batch
+            return nn.functional.cross_entropy(model(x), y)
+        """))
+    proc = run_train("--task", "task.py", "--max-steps", "20", "--batch-size", "8", "--num-workers", "0",
+                     cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "RuntimeError: the user's bug at step 5" in proc.stderr
+    assert 'task.py", line' in proc.stderr
+    emergency = list((tmp_path / "checkpoints").glob("emergency_*.pt"))
+    assert len(emergency) == 1 and read_footer(emergency[0])["step"] == 4

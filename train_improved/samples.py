@@ -1,0 +1,189 @@
+"""Which samples each step reads, and the DataLoader that reads them: shuffled, resumable, elastic.
+
+    order = SampleOrder(len(train_set), batch_size=64, seed=1337)
+    loader = StepLoader(train_set, order, rank=0, world=1, accum=1, size=64, workers=2, pin=False)
+    batch = loader.micro_batch(k=0)         # micro-batch 0 of the step at order's (epoch, index)
+    order.advance()
+
+Every epoch visits all samples once, in a permutation drawn from (seed, epoch). A step takes the
+next `batch_size` samples of it; micro-batch k is samples [k·m, (k+1)·m) of the step, and rank r
+computes the micro-batches k ≡ r (mod world size). The position is (epoch, index) alone, plain
+data in every checkpoint, so a resume reads exactly the next samples on any number of ranks.
+
+Random augmentation stays bitwise the same after a resume, and independent of the number of
+DataLoader workers and ranks: every `dataset[i]` of epoch e runs with torch's, NumPy's and
+Python's global generators seeded from (seed, e, i), the way ecosystem transforms draw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from .config import DataError
+
+
+class SampleOrder:
+    """The data position of a run: (epoch, index of the next step's first sample in the epoch's order)."""
+
+    def __init__(self, count: int, batch_size: int, seed: int) -> None:
+        self.count, self.batch_size, self.seed = count, batch_size, seed
+        self.steps_per_epoch = count // batch_size
+        self.epoch, self.index = 0, 0
+        self._orders: dict[int, np.ndarray] = {}  # the permutations of the two newest epochs asked for
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = self._draw(epoch)
+        return self._orders[epoch]
+
+    def _draw(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.count)
+
+    def micro_batch_indices(self, k: int, size: int) -> np.ndarray:
+        """The sample indices of micro-batch `k` (of `size` samples) of the next step."""
+        start = self.index + k * size
+        return self.permutation(self.epoch)[start:start + size]
+
+    def positions(self, rank: int, world: int, accum: int) -> Iterator[tuple[int, int, int]]:
+        """(epoch, index, k) of every micro-batch this rank computes, from the current position on."""
+        epoch, index = self.epoch, self.index
+        while True:
+            for micro in range(accum):
+                yield epoch, index, micro * world + rank
+            index += self.batch_size
+            if index + self.batch_size > self.count:
+                epoch, index = epoch + 1, 0
+
+    def advance(self) -> bool:
+        """Move past the step just taken; True if that step finished an epoch (a partial batch is dropped)."""
+        self.index += self.batch_size
+        if self.index + self.batch_size <= self.count:
+            return False
+        self.epoch, self.index = self.epoch + 1, 0
+        return True
+
+    def restart(self) -> None:
+        """Start a new epoch now (used when the data changed under a resumed run)."""
+        if self.index:
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def steps_left(self, num_epochs: int) -> int:
+        return max(0, (num_epochs - self.epoch) * self.steps_per_epoch - self.index // self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index < max(1, self.count):
+            raise DataError(f"the checkpoint's data position (epoch {epoch}, sample {index}) is outside this data")
+        self.epoch, self.index = epoch, index
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample `index` in epoch `epoch`: the same in every process, worker and rank."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextmanager
+def seeded_globals(seed: int) -> Iterator[None]:
+    """Run a block with torch's, NumPy's and Python's global generators seeded, then put them back."""
+    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
+
+
+class KeyedSamples(Dataset):
+    """`dataset[i]` of epoch e, read by key (e, i) with the generators seeded from (seed, e, i)."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        with seeded_globals(sample_seed(self.seed, epoch, index)):
+            return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def _ignore_stop_signals(_: int) -> None:
+    # The main process decides when to stop (signals.GracefulStop) and shuts its workers down; a
+    # scheduler's SIGTERM to the whole process group must not kill a worker under it first.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class _Keys:
+    """The DataLoader's batch sampler: the keys of this rank's micro-batches, from a position on."""
+
+    def __init__(self, order: SampleOrder, rank: int, world: int, accum: int, size: int) -> None:
+        self.order, self.args, self.size = order, (rank, world, accum), size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch, index, k in self.order.positions(*self.args):
+            start = index + k * self.size
+            yield [(epoch, int(i)) for i in self.order.permutation(epoch)[start:start + self.size]]
+
+
+def make_loader(dataset: Dataset, batch_sampler: Any, *, workers: int, pin: bool,
+                collate: Callable[[list[Any]], Any] | None) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
+                      collate_fn=collate or default_collate, worker_init_fn=_ignore_stop_signals if workers else None,
+                      prefetch_factor=4 if workers else None)
+
+
+class StepLoader:
+    """This rank's micro-batches, read ahead by DataLoader workers in the order the steps take them.
+
+    `micro_batch(k)` returns micro-batch k of the step at the order's current position. The workers
+    read ahead from where the loader was (re)started; a request for another position (after a
+    restore, or a step a stop abandoned) starts the loader again from there.
+    """
+
+    def __init__(self, dataset: Any, order: SampleOrder, *, rank: int, world: int, accum: int, size: int,
+                 workers: int, pin: bool, collate: Callable[[list[Any]], Any] | None = None) -> None:
+        self.samples = KeyedSamples(dataset, order.seed)
+        self.order, self.rank, self.world, self.accum, self.size = order, rank, world, accum, size
+        self.workers, self.pin, self.collate = workers, pin, collate
+        self._batches: Iterator[Any] | None = None
+        self._expected: Iterator[tuple[int, int, int]] | None = None
+        self._next: tuple[int, int, int] | None = None
+
+    def micro_batch(self, k: int) -> Any:
+        wanted = (self.order.epoch, self.order.index, k)
+        if self._batches is None or self._next != wanted:
+            self.close()
+            keys = _Keys(self.order, self.rank, self.world, self.accum, self.size)
+            self._batches = iter(make_loader(self.samples, keys, workers=self.workers, pin=self.pin,
+                                             collate=self.collate))
+            self._expected = self.order.positions(self.rank, self.world, self.accum)
+            self._next = next(self._expected)
+            if self._next != wanted:
+                raise ValueError(f"micro-batch {k} is not one this rank computes (rank {self.rank} of {self.world})")
+        assert self._expected is not None
+        self._next = next(self._expected)
+        return next(self._batches)
+
+    def close(self) -> None:
+        """Stop the workers (they are started again on the next request)."""
+        self._batches = self._expected = self._next = None
