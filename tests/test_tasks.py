@@ -213,3 +213,61 @@ def test_an_error_inside_the_users_code_while_training_is_theirs(tmp_path: Path)
     assert 'task.py", line' in proc.stderr
     emergency = list((tmp_path / "checkpoints").glob("emergency_*.pt"))
     assert len(emergency) == 1 and read_footer(emergency[0])["step"] == 4
+
+
+# ---------------------------------------------------------------------- elastic: 2 ranks stopped, 1 rank resumes
+
+RECORDED = str(ROOT / "tests" / "recorded_digits.py")
+
+
+def samples_by_step(record: Path, first_step: int, per_rank: int, last_step: int) -> dict[int, list[str]]:
+    """step -> the sorted samples (index and pixel sum) all ranks of one launch read for it."""
+    steps: dict[int, list[str]] = {}
+    for f in record.glob("rank*.txt"):
+        lines = f.read_text().splitlines()[2:]  # after the start-up check's two samples
+        for n in range(len(lines) // per_rank):
+            step = first_step + n
+            if step <= last_step:  # the next step's batch, read ahead, never ran
+                steps.setdefault(step, []).extend(lines[n * per_rank:(n + 1) * per_rank])
+    return {step: sorted(samples) for step, samples in steps.items()}
+
+
+@pytest.mark.distributed
+def test_two_ranks_stopped_resume_on_one_reading_the_same_samples_at_every_step(tmp_path: Path) -> None:
+    import os
+
+    args = [*SMALL, "--task", RECORDED, "--num-workers", "0", "--max-steps", "30"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "train_improved"]
+
+    def env(record: Path) -> dict[str, str]:
+        record.mkdir()
+        return {**os.environ, "RECORD_DIR": str(record), "OMP_NUM_THREADS": "1"}
+
+    ref, run = tmp_path / "reference", tmp_path / "elastic"
+    ref.mkdir(), run.mkdir()
+    done = subprocess.run([*torchrun, *args], cwd=ref, env=env(ref / "record"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen([*torchrun, *args], cwd=run, env=env(run / "record-2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_step(run / "runs" / "metrics.jsonl", random.randint(3, 20), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "emergency checkpoint" in err, err[-3000:]
+    stopped_at = max(step_losses(run / "runs" / "metrics.jsonl"))
+    resumed = subprocess.run([sys.executable, "-m", "train_improved", "--resume", "latest"], cwd=run,
+                             env=env(run / "record-1"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints'}" in resumed.stderr and f"at step {stopped_at}" in resumed.stderr
+
+    expected = samples_by_step(ref / "record", 1, 16, 30)  # --batch-size 32 over 2 ranks
+    seen = {**samples_by_step(run / "record-2", 1, 16, stopped_at),
+            **samples_by_step(run / "record-1", stopped_at + 1, 32, 30)}
+    assert sorted(expected) == sorted(seen) == list(range(1, 31))
+    for step in expected:
+        assert seen[step] == expected[step], f"step {step} read other samples (or other shifts)"
+    want, got = step_losses(ref / "runs" / "metrics.jsonl"), step_losses(run / "runs" / "metrics.jsonl")
+    assert sorted(got) == list(range(1, 31))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), step
