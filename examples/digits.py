@@ -19,7 +19,7 @@ class Options:
 
 
 # train's options for this task, below anything given on the command line or in a config file
-DEFAULTS = {"num_epochs": 20, "batch_size": 64, "lr": 3e-3, "warmup_steps": 20, "weight_decay": 0.01,
+DEFAULTS = {"num_epochs": 12, "batch_size": 64, "lr": 3e-3, "warmup_steps": 20, "weight_decay": 0.01,
             "eval_interval": 50, "checkpoint_freq": 100}
 
 
