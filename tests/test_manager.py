@@ -73,6 +73,28 @@ def test_layout_after_a_run(tmp_path: Path, async_save: bool) -> None:
     assert '"event": "delete"' in history and "rolling_step_000002.pt" in history
 
 
+@pytest.mark.parametrize("async_save", [True, False])
+def test_keep_best_keeps_the_k_best_evaluations_by_the_metric(tmp_path: Path, async_save: bool) -> None:
+    """--keep-best 2 --metric accuracy --mode max: best_step_*.pt are the two best evaluations (a tie goes to
+    the earlier one), the best triple stays, and a new manager ranks what is on disk."""
+    options = CheckpointOptions(keep_best=2, metric="accuracy", mode="max", save_every=None, async_save=async_save)
+    accuracy = {10: 0.5, 20: 0.7, 30: 0.6, 40: 0.8, 50: 0.7, 60: 0.65}
+    with CheckpointManager(tmp_path, options) as ckpt:
+        for step, acc in accuracy.items():
+            ckpt.save(st(step), step=step, kinds=[Kind.BEST, Kind.TOP], metrics={"accuracy": acc})
+        ckpt.wait_until_finished()
+        assert not ckpt.enters_top({"accuracy": 0.7}) and ckpt.enters_top({"accuracy": 0.75})
+    assert sorted(n for n in names(tmp_path) if n.startswith("best_step")) == ["best_step_000020.pt",
+                                                                              "best_step_000040.pt"]
+    assert {"best_model.pt", "best_model_backup.pt", "best_model_previous.pt"} <= names(tmp_path)
+    with CheckpointManager(tmp_path, options) as ckpt:
+        ckpt.save(st(70), step=70, kinds=[Kind.TOP], metrics={"accuracy": 0.75})
+        ckpt.wait_until_finished()
+        assert ckpt.restore("best_step_000070.pt")[0]["step"] == 70
+    assert sorted(n for n in names(tmp_path) if n.startswith("best_step")) == ["best_step_000040.pt",
+                                                                              "best_step_000070.pt"]
+
+
 def test_async_and_sync_saves_hold_identical_tensors(tmp_path: Path) -> None:
     state = {"model": {"w": torch.randn(100, 100)}, "opt": [torch.arange(10)], "n": 3}
     out = {}

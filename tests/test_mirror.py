@@ -285,11 +285,12 @@ def test_an_upload_that_does_not_read_back_identical_is_never_listed(tmp_path: P
 
 def test_objects_are_deleted_only_after_a_manifest_without_them_is_written(tmp_path: Path, monkeypatch) -> None:
     from train_improved.checkpoint import CheckpointManager, CheckpointOptions
+    from train_improved.checkpoint.inventory import Retention
     from train_improved.checkpoint.mirror import Mirror
 
     d = saved_store(tmp_path)
     remote = RemoteStore.open(f"file://{tmp_path / 'mirror'}")
-    mirror = Mirror(remote, d, keep_rolling=2)
+    mirror = Mirror(remote, d, retention=Retention(keep_rolling=2))
     assert mirror.request(wait=60)
     before = {p.name for p in (tmp_path / "mirror" / "objects").iterdir()}
     assert len(before) == 2  # rolling 2 and 3 (latest and the backups are entries, not objects)

@@ -7,6 +7,7 @@ processes, kill -9 and the local directory deleted, in tests/test_mirror.py's st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from train_improved.checkpoint import CheckpointError, CheckpointManager, CheckpointOptions, Kind, layout
-from train_improved.checkpoint.inventory import Entry, plan_manifest
+from train_improved.checkpoint.inventory import Entry, Retention, plan_manifest
 from train_improved.checkpoint.mirror import Mirror
 from train_improved.checkpoint.remote import MirrorError, RemoteStore
 
@@ -49,8 +50,21 @@ def bucket_after_a_run() -> dict[str, Entry]:
 def test_a_new_machine_holding_one_downloaded_file_keeps_everything_the_policies_keep() -> None:
     remote = bucket_after_a_run()
     local = {"rolling_step_000040.pt": remote["rolling_step_000040.pt"]}  # all a new machine has
-    assert plan_manifest(local, remote, keep_rolling=3, keep_emergency=2) == remote
-    assert plan_manifest({}, remote, keep_rolling=3, keep_emergency=2) == remote  # a run over a populated prefix
+    assert plan_manifest(local, remote, Retention(keep_rolling=3, keep_emergency=2)) == remote
+    assert plan_manifest({}, remote, Retention(keep_rolling=3, keep_emergency=2)) == remote  # a run over a populated prefix
+
+
+def test_the_k_best_are_ranked_over_both_tiers() -> None:
+    """--keep-best 2: a new machine's better evaluation displaces the bucket's worse one, never a better one."""
+    def top(step: int, acc: float) -> Entry:
+        return dataclasses.replace(entry(layout.top_name(step), step, f"t{step}", "top"), metrics={"accuracy": acc})
+
+    remote = {**bucket_after_a_run(), **{e.name: e for e in (top(10, 0.7), top(20, 0.9))}}
+    local = {e.name: e for e in (top(44, 0.8),)}
+    plan = plan_manifest(local, remote, Retention(keep_rolling=3, keep_emergency=2, keep_best=2, metric="accuracy",
+                                                  mode="max"))
+    assert sorted(n for n in plan if n.startswith("best_step")) == ["best_step_000020.pt", "best_step_000044.pt"]
+    assert plan_manifest({}, remote, Retention(keep_best=2, metric="accuracy", mode="max")) == remote
 
 
 def test_the_resumed_run_rotates_the_bucket_as_an_uninterrupted_run_would() -> None:
@@ -65,7 +79,7 @@ def test_the_resumed_run_rotates_the_bucket_as_an_uninterrupted_run_would() -> N
     new[layout.ROLLING_BACKUP] = new["rolling_step_000048.pt"].renamed(layout.ROLLING_BACKUP)
     new[layout.LATEST_BACKUP] = new["rolling_step_000044.pt"].renamed(layout.LATEST_BACKUP)
     new[layout.BEST_BACKUP] = new[layout.BEST].renamed(layout.BEST_BACKUP)
-    plan = plan_manifest(new, remote, keep_rolling=3, keep_emergency=2)
+    plan = plan_manifest(new, remote, Retention(keep_rolling=3, keep_emergency=2))
     assert sorted(n for n in plan if n.startswith("rolling_step")) == [
         "rolling_step_000040.pt", "rolling_step_000044.pt", "rolling_step_000048.pt"]
     assert [plan[layout.epoch_name(e)].step for e in range(4)] == [12, 24, 36, 48]  # epochs are kept forever
@@ -79,7 +93,7 @@ def test_a_resumed_run_that_never_beats_the_best_keeps_the_buckets_best_triple()
     remote = bucket_after_a_run()
     first = {layout.LATEST: entry(layout.LATEST, 44, "n44", run="b", t=144, ancestry=[("a", 40)]),
              "rolling_step_000044.pt": entry("rolling_step_000044.pt", 44, "n44", run="b", t=144, ancestry=[("a", 40)])}
-    plan = plan_manifest(first, remote, keep_rolling=3, keep_emergency=2)
+    plan = plan_manifest(first, remote, Retention(keep_rolling=3, keep_emergency=2))
     assert {n: plan[n].digest for n in (layout.BEST, layout.BEST_BACKUP, layout.BEST_PREVIOUS)} == \
         {layout.BEST: "b30", layout.BEST_BACKUP: "b30", layout.BEST_PREVIOUS: "b20"}
     assert plan[layout.LATEST_BACKUP].digest == "r40"  # the state it resumed from, as latest.pt rotates locally

@@ -24,7 +24,7 @@ DIGITS = str(ROOT / "examples" / "digits.py")
 STEPS = 60  # 1437 training images / 32 = 44 steps per epoch: the run crosses one epoch boundary
 SMALL = ["--task", DIGITS, "--width", "8", "--max-steps", str(STEPS), "--batch-size", "32",
          "--mini-batch-size", "16", "--eval-interval", "10", "--eval-steps", "4", "--checkpoint-freq", "20",
-         "--warmup-steps", "5", "--seed", "3", "--metric", "accuracy", "--mode", "max"]
+         "--warmup-steps", "5", "--seed", "3", "--metric", "accuracy", "--mode", "max", "--keep-best", "2"]
 
 
 def evals(metrics: Path) -> dict[int, tuple[float, float]]:
@@ -75,6 +75,10 @@ def test_digits_stopped_by_sigterm_mid_epoch_resumes_bitwise_with_workers(uninte
     best = read_footer(tmp_path / "checkpoints" / "best_model.pt")
     assert (best["step"], best["best"]["metric"], best["best"]["mode"]) == (best_step, "accuracy", "max")
     assert best["metrics"]["accuracy"] == max(accuracy.values())
+    # --keep-best 2: the two best evaluations (a tie goes to the earlier), ranked across the resume.
+    top = sorted(sorted(accuracy, key=lambda s: (-accuracy[s], s))[:2])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("best_step_*.pt")) == \
+        [f"best_step_{s:06d}.pt" for s in top]
     assert len(set(accuracy.values())) > 1, "accuracy moved: the best had something to follow"
 
 

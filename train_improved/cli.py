@@ -29,7 +29,7 @@ _PANELS = {
     "Data": ["data"],
     "Optimization": ["batch-size", "mini-batch-size", "lr", "min-lr", "warmup-steps", "weight-decay", "grad-clip",
                      "num-epochs", "max-steps", "seed", "device", "dtype", "compile", "fsdp"],
-    "Evaluation and best model": ["eval-interval", "eval-steps", "metric", "mode", "sample-length"],
+    "Evaluation and best model": ["eval-interval", "eval-steps", "metric", "mode", "keep-best", "sample-length"],
     "Checkpoints": ["checkpoint-dir", "checkpoint-freq", "keep-checkpoints", "keep-emergency-checkpoints",
                     "min-free-space", "async-save", "mtbf", "emergency-budget"],
     "Mirror (a second tier)": ["mirror", "mirror-options"],
@@ -113,8 +113,11 @@ def train(
                                                             "(env CHECKPOINT_FREQ).")] = None,
     keep_checkpoints: Annotated[Int, _opt("keep-checkpoints", "Rolling checkpoints to keep (env CHECKPOINT_KEEP_LAST).")] = None,
     keep_emergency_checkpoints: Annotated[Int, _opt("keep-emergency-checkpoints", "Emergency checkpoints to keep.")] = None,
-    metric: Annotated[Str, _opt("metric", "Metric that decides best_model.pt: val_loss or train_loss.")] = None,
+    metric: Annotated[Str, _opt("metric", "Metric that decides best_model.pt: val_loss, train_loss, or one "
+                                          "a --task's metrics() reports (e.g. accuracy).")] = None,
     mode: Annotated[Str, _opt("mode", "min or max: which direction of --metric is better.")] = None,
+    keep_best: Annotated[Int, _opt("keep-best", "Also keep the K best evaluations by --metric as "
+                                                "best_step_NNNNNN.pt (0: only the best triple).")] = None,
     min_free_space: Annotated[Str, _opt("min-free-space", "Skip a save rather than leave less free disk than "
                                                           "this (e.g. 10GB, 500MiB).")] = None,
     async_save: Annotated[Bool, _opt("async-save/--no-async-save", "Write checkpoints in the background.")] = None,

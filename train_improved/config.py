@@ -66,6 +66,7 @@ class TrainConfig:
     keep_emergency_checkpoints: int = 10
     metric: str = "val_loss"  # decides best_model.pt: val_loss or train_loss, the metrics a run produces
     mode: str = "min"  # min | max
+    keep_best: int = 0  # also keep the K best evaluations by --metric as best_step_NNNNNN.pt; 0: the best triple only
     min_free_space: int = 0  # bytes that must stay free after a save, e.g. "10GB"
     async_save: bool = True  # the loop only waits for a copy into reused buffers
     mtbf: float = 86400.0  # expected seconds between failures, for --checkpoint-freq auto
@@ -300,8 +301,9 @@ def resolve(*, cli: Mapping[str, Any], environ: Mapping[str, str], config_file: 
 def validate(cfg: TrainConfig) -> None:
     """Collect every problem and raise once, each saying how to fix it."""
     p = []
-    if cfg.num_workers < 0:
-        p.append(f"--num-workers cannot be negative (got {cfg.num_workers})")
+    for name in ("num_workers", "keep_best"):
+        if getattr(cfg, name) < 0:
+            p.append(f"--{name.replace('_', '-')} cannot be negative (got {getattr(cfg, name)})")
     positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "mini_batch_size", "num_epochs",
                 "eval_interval", "eval_steps", "keep_checkpoints", "keep_emergency_checkpoints"]
     for name in positive:

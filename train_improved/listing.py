@@ -30,7 +30,7 @@ from .checkpoint.records import CheckpointInfo, human_bytes
 from .checkpoint.remote import RemoteStore, mask, one_line
 
 _TITLES = {Family.LATEST: "Latest", Family.BEST: "Best", Family.ROLLING: "Rolling",
-           Family.EMERGENCY: "Emergency", Family.EPOCH: "Epoch"}
+           Family.EMERGENCY: "Emergency", Family.EPOCH: "Epoch", Family.TOP: "Top K by the metric"}
 
 
 def _history(directory: Path) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str | None], dict[str, Any]]]:

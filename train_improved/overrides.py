@@ -26,7 +26,7 @@ EFFECTS: dict[str, Effect] = {
     **dict.fromkeys(["eval_interval", "eval_steps", "checkpoint_dir", "checkpoint_freq", "keep_checkpoints",
                      "keep_emergency_checkpoints", "metric", "mode", "min_free_space", "async_save", "mtbf",
                      "emergency_budget", "log_dir", "log_interval", "metrics_file", "use_tensorboard",
-                     "sample_length", "mirror", "mirror_options", "num_workers"], Effect.HARMLESS),
+                     "sample_length", "mirror", "mirror_options", "num_workers", "keep_best"], Effect.HARMLESS),
     "world_size": Effect.ELASTIC,  # not an option: the number of processes torchrun starts
 }
 WHY = {

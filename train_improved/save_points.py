@@ -72,7 +72,8 @@ class SavePoints:
             note = "new best" if improved else f"best {self.cfg.metric} {best:.4f}" if best is not None else "no best"
             shown = "".join(f", {k} {v:.4f}" for k, v in measured.items())
             logger.info("step %d: val_loss %.4f%s (%s)", t.step, val, shown, note)
-        kinds = [Kind.BEST] if improved else []
+        top = distributed.any_rank(t.dist, t.manager is not None and t.manager.enters_top(t.metrics_now()), t.device)
+        kinds = [Kind.BEST] * improved + [Kind.TOP] * top
         if save:
             self.save(kinds)
         return kinds

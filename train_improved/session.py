@@ -38,7 +38,7 @@ def checkpoint_options(cfg: TrainConfig) -> CheckpointOptions:
     return CheckpointOptions(
         keep_rolling=cfg.keep_checkpoints, keep_emergency=cfg.keep_emergency_checkpoints,
         save_every=cfg.checkpoint_freq if isinstance(cfg.checkpoint_freq, int) else None,
-        metric=cfg.metric, mode=cfg.mode, min_free_bytes=cfg.min_free_space,  # type: ignore[arg-type]
+        metric=cfg.metric, mode=cfg.mode, keep_best=cfg.keep_best, min_free_bytes=cfg.min_free_space,  # type: ignore[arg-type]
         async_save=cfg.async_save, mirror=cfg.mirror, mirror_options=cfg.mirror_storage_options(),
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +21,7 @@ from .fileformat import CheckpointError
 from .layout import Family, Kind
 from .lineage import Line
 from .records import CheckpointOptions, SaveResult, describe, scan
-from .retention import keep_last, to_delete
+from .retention import keep_best_n, keep_last, to_delete
 from .storage import PendingShards, Shards
 
 logger = logging.getLogger("train_improved.checkpoint")
@@ -75,6 +75,8 @@ def final_name(kind: Kind, step: int, epoch: int | None, now: datetime) -> str:
     if kind is Kind.EPOCH:
         assert epoch is not None  # save() refused it otherwise
         return layout.epoch_name(epoch)
+    if kind is Kind.TOP:
+        return layout.top_name(step)
     return layout.BEST
 
 
@@ -202,6 +204,8 @@ def _point_latest_to(ctx: SaveContext, path: Path, step: int, displaced: list[Pa
 def prune(ctx: SaveContext, kind: Kind, step: int, keep: int | None = None) -> list[str]:
     """Apply the family's retention (or keep only the newest `keep`); a file that cannot be deleted is a
     warning, never a failed save."""
+    if kind is Kind.TOP:
+        return _remove(ctx, kind, step, top_to_delete(ctx.directory, ctx.options, ctx.protected))
     keep = keep or {Kind.ROLLING: ctx.options.keep_rolling, Kind.EMERGENCY: ctx.options.keep_emergency}.get(kind)
     if keep is None:
         return []  # best and epoch files are never rotated
@@ -213,8 +217,33 @@ def prune(ctx: SaveContext, kind: Kind, step: int, keep: int | None = None) -> l
             # Files of an abandoned line of training count as older than any of this line's.
             files.append((ctx.line.holds(info.meta), parsed.step, parsed.saved or datetime.min, info.path))
     files.sort()
+    doomed = [p for *_, p in to_delete(files, keep_last(keep), protected=lambda f: f[-1].name in ctx.protected)]
+    return _remove(ctx, kind, step, doomed)
+
+
+def top_values(directory: Path, metric: str) -> list[tuple[float | None, int, Path]]:
+    """The top-K files (keep_best) as (their value of `metric`, step, path); None where the footer has none."""
+    out = []
+    for info in scan(directory):
+        parsed = layout.parse_name(info.name)
+        if info.ok and parsed is not None and parsed.family is Family.TOP and parsed.step is not None:
+            value = (info.meta.get("metrics") or {}).get(metric)
+            out.append((float(value) if isinstance(value, (int, float)) else None, parsed.step, info.path))
+    return out
+
+
+def top_to_delete(directory: Path, options: CheckpointOptions, protected: Iterable[str] = ()) -> list[Path]:
+    """The top-K files beyond the `keep_best` best by the metric (a file ranked by another metric goes first)."""
+    files = top_values(directory, options.metric)
+    doomed = to_delete([(v, s) for v, s, _ in files], keep_best_n(options.keep_best, options.mode),
+                       protected=lambda _: False)
+    paths = {(v, s): p for v, s, p in files}
+    return [paths[key] for key in doomed if paths[key].name not in set(protected)]
+
+
+def _remove(ctx: SaveContext, kind: Kind, step: int, doomed: list[Path]) -> list[str]:
     deleted = []
-    for *_, p in to_delete(files, keep_last(keep), protected=lambda f: f[-1].name in ctx.protected):
+    for p in doomed:
         try:
             storage.remove(p)
         except OSError as e:

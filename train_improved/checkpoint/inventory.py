@@ -1,9 +1,10 @@
 """The mirror's inventory: what its manifest lists, and the pure rules that decide it.
 
-    entries = plan_manifest(local=uploaded_local_entries, remote=manifest, keep_rolling=10, keep_emergency=10)
+    entries = plan_manifest(local=uploaded_local_entries, remote=manifest, retention=Retention(keep_rolling=10))
 
 The manifest is the mirror's own inventory, not a copy of one machine's directory: the family
-policies of the local store (keep-last-N rolling and emergency, the best triple, epochs forever)
+policies of the local store (keep-last-N rolling and emergency, the best triple, the K best
+evaluations, epochs forever)
 are applied to the union of what either tier holds. So the first sync of a run resumed on a new
 machine, whose disk holds one downloaded file, deletes nothing those policies keep; nor does a
 local file that is damaged or was deleted by hand. No I/O here: `mirror` performs what this decides.
@@ -20,7 +21,7 @@ from . import layout
 from .fallback import saved_time
 from .layout import Family
 from .lineage import Line
-from .retention import keep_last
+from .retention import keep_best_n, keep_last
 
 _BEST_NAMES = (layout.BEST, layout.BEST_BACKUP, layout.BEST_PREVIOUS)
 
@@ -46,6 +47,7 @@ class Entry:
     saved_at: str | None
     files: dict[str, dict[str, Any]] | None = None  # file name -> {"key", "digest", "bytes"}
     lineage: dict[str, Any] | None = None  # the footer's line of training (run, ancestry)
+    metrics: dict[str, float] | None = None  # a top-K file's metrics, which rank it (keep_best)
     ok = True  # a class constant, not a field: listed means verified (the fallback chain reads `ok` and `meta`)
 
     @classmethod
@@ -61,6 +63,8 @@ class Entry:
             out["files"] = self.files
         if self.lineage is not None:
             out["lineage"] = self.lineage
+        if self.metrics is not None:
+            out["metrics"] = self.metrics
         return out
 
     def objects(self) -> dict[str, ObjectRef]:
@@ -86,8 +90,23 @@ def keys(entries: Mapping[str, Entry]) -> set[str]:
     return {ref.key for e in entries.values() for ref in e.objects().values()}
 
 
-def plan_manifest(local: Mapping[str, Entry], remote: Mapping[str, Entry], *, keep_rolling: int,
-                  keep_emergency: int) -> dict[str, Entry]:
+@dataclass(frozen=True)
+class Retention:
+    """The local store's retention, which the mirror applies to both tiers together."""
+
+    keep_rolling: int = 10
+    keep_emergency: int = 10
+    keep_best: int = 0
+    metric: str = "val_loss"
+    mode: str = "min"
+
+    @classmethod
+    def of(cls, options: Any) -> Retention:
+        """From CheckpointOptions."""
+        return cls(options.keep_rolling, options.keep_emergency, options.keep_best, options.metric, options.mode)
+
+
+def plan_manifest(local: Mapping[str, Entry], remote: Mapping[str, Entry], retention: Retention) -> dict[str, Entry]:
     """The next manifest: the local store's uploaded names over the mirror's, each family's policy on the union.
 
     `local`: entries for the local store's readable checkpoints whose objects are up (a name the
@@ -110,12 +129,19 @@ def plan_manifest(local: Mapping[str, Entry], remote: Mapping[str, Entry], *, ke
             and before.step != local[layout.LATEST].step and on_line(before)):
         out[layout.LATEST_BACKUP] = before.renamed(layout.LATEST_BACKUP)
 
-    for family, keep in ((Family.ROLLING, keep_rolling), (Family.EMERGENCY, keep_emergency)):
+    for family, keep in ((Family.ROLLING, retention.keep_rolling), (Family.EMERGENCY, retention.keep_emergency)):
         members = sorted((e for n, e in out.items() if n not in layout.ALIASES and _family(n) is family),
                          key=lambda e: (on_line(e), e.step or -1, saved_time(e)))
         for e, kept in zip(members, keep_last(keep)(members), strict=True):
             if not kept and e.name not in local:
                 del out[e.name]
+
+    # The K best evaluations (best_step_*.pt) of both tiers, by the metric that ranks them now.
+    tops = [e for n, e in out.items() if _family(n) is Family.TOP] if retention.keep_best else []
+    values = [((e.metrics or {}).get(retention.metric), e.step or 0) for e in tops]
+    for e, kept in zip(tops, keep_best_n(retention.keep_best, retention.mode)(values), strict=True):
+        if not kept and e.name not in local:
+            del out[e.name]
 
     # The best triple: the newest best checkpoint of either tier is best_model.pt (and its backup),
     # the one before it best_model_previous.pt, as the local store rotates them.

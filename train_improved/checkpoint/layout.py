@@ -6,6 +6,7 @@ Users script against these names, so they are fixed:
     rolling_step_000250.pt, rolling_last_backup.pt
     emergency_step_000250_20261126_231500.pt
     best_model.pt, best_model_backup.pt, best_model_previous.pt
+    best_step_000250.pt                      (with keep_best K: the K best evaluations by the metric)
     epoch_00003.pt
 """
 
@@ -36,6 +37,7 @@ class Kind(str, Enum):
     EMERGENCY = "emergency"
     BEST = "best"
     EPOCH = "epoch"
+    TOP = "top"  # one of the K best evaluations (keep_best)
 
 
 class Family(str, Enum):
@@ -46,11 +48,13 @@ class Family(str, Enum):
     ROLLING = "rolling"
     EMERGENCY = "emergency"
     EPOCH = "epoch"
+    TOP = "top"
 
 
 _ROLLING_RE = re.compile(r"^rolling_step_(\d{6,})\.pt$")
 _EMERGENCY_RE = re.compile(r"^emergency_step_(\d{6,})_(\d{8}_\d{6})\.pt$")
 _EPOCH_RE = re.compile(r"^epoch_(\d{5,})\.pt$")
+_TOP_RE = re.compile(r"^best_step_(\d{6,})\.pt$")
 _FIXED = {
     LATEST: Family.LATEST,
     LATEST_BACKUP: Family.LATEST,
@@ -68,7 +72,7 @@ ALIASES = BACKUP_NAMES | {LATEST}
 @dataclass(frozen=True)
 class ParsedName:
     family: Family
-    step: int | None = None  # from the name, for rolling and emergency files
+    step: int | None = None  # from the name, for rolling, emergency and top-K files
     epoch: int | None = None  # from the name, for epoch files
     saved: datetime | None = None  # from the name, for emergency files
 
@@ -79,6 +83,10 @@ def rolling_name(step: int) -> str:
 
 def emergency_name(step: int, when: datetime) -> str:
     return f"emergency_step_{step:06d}_{when:%Y%m%d_%H%M%S}{SUFFIX}"
+
+
+def top_name(step: int) -> str:
+    return f"best_step_{step:06d}{SUFFIX}"
 
 
 def epoch_name(epoch: int) -> str:
@@ -95,6 +103,8 @@ def parse_name(name: str) -> ParsedName | None:
         return ParsedName(Family.EMERGENCY, step=int(m[1]), saved=datetime.strptime(m[2], "%Y%m%d_%H%M%S"))
     if m := _EPOCH_RE.match(name):
         return ParsedName(Family.EPOCH, epoch=int(m[1]))
+    if m := _TOP_RE.match(name):
+        return ParsedName(Family.TOP, step=int(m[1]))
     return None
 
 

@@ -30,6 +30,7 @@ Commit order of one save (each line is durable before the next starts):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -42,6 +43,7 @@ from typing import Any
 from . import commit, fallback, fileformat, layout, space, storage
 from .best import BestTracker
 from .fileformat import CheckpointError
+from .inventory import Retention
 from .layout import Family, Kind
 from .lineage import Line, new_run_id
 from .lock import DirectoryLock
@@ -59,7 +61,7 @@ from .records import (
 )
 from .remote import RemoteStore, mask
 from .storage import PendingShards, Shards
-from .validation import check_meta, check_plain_data, clean_metrics
+from .validation import as_number, check_meta, check_plain_data, clean_metrics
 
 logger = logging.getLogger("train_improved.checkpoint")
 
@@ -155,7 +157,7 @@ class CheckpointManager:
             self.remote = RemoteStore.open(options.mirror, options.mirror_options, check_writable=not self.read_only)
         self._seed_best()
         if self.mirror is not None:
-            self.mirror.keep_rolling, self.mirror.keep_emergency = options.keep_rolling, options.keep_emergency
+            self.mirror.retention = Retention.of(options)
 
     # ----------------------------------------------------------------------------- queries
 
@@ -207,6 +209,18 @@ class CheckpointManager:
         """Whether these metrics would make a new best_model.pt (False if `options.metric` is missing or NaN)."""
         return self._best.is_improvement(metrics)
 
+    def enters_top(self, metrics: dict[str, Any] | None) -> bool:
+        """Whether these metrics rank among the `keep_best` best kept (best_step_*.pt); False without keep_best."""
+        value = as_number((metrics or {}).get(self.options.metric))
+        if not self.options.keep_best or value is None or not math.isfinite(value):
+            return False
+        kept = sorted((v for v, _, _ in commit.top_values(self.directory, self.options.metric) if v is not None),
+                      reverse=self.options.mode == "max")
+        if len(kept) < self.options.keep_best:
+            return True
+        worst = kept[self.options.keep_best - 1]
+        return value < worst if self.options.mode == "min" else value > worst
+
     def _seed_best(self) -> None:
         self._best = BestTracker(self.options.metric, self.options.mode)
         best_files = [i.meta for i in (self._named(layout.BEST), self._named(layout.BEST_BACKUP)) if i and i.ok]
@@ -237,7 +251,8 @@ class CheckpointManager:
         `torch.load(weights_only=True)` cannot load back, naming its key; ValueError for a metric
         that is not a finite number, a reserved `meta` key, a footer over 64 KiB, an EPOCH save
         without `epoch`, or a BEST save without `metrics[options.metric]`.
-        A BEST save happens only if `metrics` improve on the best so far; a save is skipped (and
+        A BEST save happens only if `metrics` improve on the best so far, a TOP save (best_step_*.pt)
+        only if they rank among the `keep_best` best kept (the worst is then deleted); a save is skipped (and
         reported by `poll()`) when the disk lacks room. With `async_save` the call returns once the
         state is copied to staging buffers; `poll()` reports the outcome. `meta` (plain JSON) is
         stored in the footer, readable without loading the checkpoint; `args` are the options of
@@ -262,6 +277,8 @@ class CheckpointManager:
             self._wait_inflight()  # at most one save in flight: staging buffers are reused
         if Kind.BEST in todo and not self.is_improvement(metrics):
             todo.remove(Kind.BEST)
+        if Kind.TOP in todo and not self.enters_top(metrics):
+            todo.remove(Kind.TOP)
         without_copy: frozenset[Kind] = frozenset()
         if todo:
             todo, without_copy = self._room_for(state, todo, step, shards)
@@ -289,8 +306,8 @@ class CheckpointManager:
         clean = clean_metrics(metrics)
         if Kind.EPOCH in kinds and epoch is None:
             raise ValueError("an EPOCH save needs epoch= (which epoch just ended)")
-        if Kind.BEST in kinds and self.options.metric not in clean:
-            raise ValueError(f"a BEST save needs metrics[{self.options.metric!r}] (options.metric); "
+        if (Kind.BEST in kinds or Kind.TOP in kinds) and self.options.metric not in clean:
+            raise ValueError(f"a BEST or TOP save needs metrics[{self.options.metric!r}] (options.metric); "
                              f"got {sorted(clean) or 'no metrics'}")
         probe = commit.footer(self._context(), Kind.EMERGENCY, layout.emergency_name(step, datetime.now()), step,
                               epoch, clean, footer_meta, "", self._best.best)
@@ -335,7 +352,7 @@ class CheckpointManager:
         self.remote = remote
 
         self.mirror = Mirror(remote, self.directory, on_sync=self._mirror_events.append, run_id=self.run_id,
-                             keep_rolling=self.options.keep_rolling, keep_emergency=self.options.keep_emergency)
+                             retention=Retention.of(self.options))
         self.mirror.request()  # what the store already holds goes up first
 
     def mirror_events(self) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fileformat, layout, storage
-from .inventory import Entry, ObjectRef, keys, plan_manifest
+from .inventory import Entry, ObjectRef, Retention, keys, plan_manifest
 from .lineage import new_run_id
 from .records import CheckpointInfo, scan
 from .remote import MirrorError, MirrorFenced, RemoteStore, mask, one_line
@@ -45,14 +45,15 @@ class Mirror:
     It runs in its own thread, apart from the save writer, so it never delays a local commit. A
     request made while an upload runs is coalesced: intermediate rolling files are skipped and
     the newest state goes up next. Failures are warned about once, then retried with backoff.
-    `keep_rolling` and `keep_emergency` are the local families' retention, applied to both tiers.
+    `retention` is the local families' (keep_rolling, keep_emergency, keep_best, metric, mode),
+    applied to both tiers together.
     """
 
     def __init__(self, remote: RemoteStore, directory: Path, on_sync: Callable[[dict[str, Any]], None] | None = None,
-                 *, run_id: str | None = None, keep_rolling: int = 10, keep_emergency: int = 10) -> None:
+                 *, run_id: str | None = None, retention: Retention | None = None) -> None:
         self.remote, self.directory = remote, directory
         self.on_sync = on_sync or (lambda record: None)
-        self.keep_rolling, self.keep_emergency = keep_rolling, keep_emergency
+        self.retention = retention or Retention()
         # Who writes the prefix, as the manifest names it: what a fenced-off older run reads in its error.
         self.writer = {"run": run_id or new_run_id(), "host": socket.gethostname(), "pid": os.getpid(),
                        "since": datetime.now().astimezone().isoformat(timespec="seconds")}
@@ -230,8 +231,7 @@ class Mirror:
         """Write the manifest both tiers' policies decide, then delete the objects it no longer lists."""
         assert self._entries is not None
         uploaded = {n: entry for n, i in local.items() if (entry := _entry(i, up)) is not None}
-        entries = plan_manifest(uploaded, self._entries, keep_rolling=self.keep_rolling,
-                                keep_emergency=self.keep_emergency)
+        entries = plan_manifest(uploaded, self._entries, self.retention)
         if entries == self._entries:
             return
         listed_before = keys(self._entries)
@@ -252,5 +252,6 @@ def _entry(info: CheckpointInfo, up: dict[str, ObjectRef]) -> Entry | None:
         name: {"key": up[f["digest"]].key, "digest": f["digest"], "bytes": f["bytes"]} for name, f in shards.items()}
     lineage = info.meta.get("lineage")
     line = {"run": lineage.get("run"), "ancestry": lineage.get("ancestry") or []} if isinstance(lineage, dict) else None
+    top = info.meta.get("metrics") if info.kind == "top" else None  # what ranks it among the K best
     return Entry(info.name, up[digest].key, digest, up[digest].bytes, info.step, info.kind, info.saved_at, files,
-                 line)
+                 line, top)

@@ -26,6 +26,7 @@ class CheckpointOptions:
     save_every: int | None = 250  # steps between rolling saves (should_save); None never
     metric: str = "val_loss"  # the metric that decides best_model.pt
     mode: Literal["min", "max"] = "min"
+    keep_best: int = 0  # also keep the K best evaluations by `metric` as best_step_NNNNNN.pt (0: only the best triple)
     min_free_bytes: int = 0  # a save is skipped rather than leave less free space than this
     async_save: bool = True  # stage to reused host buffers, write in a background thread
     storage_report_every: int = 10  # log storage per family every N saves
@@ -37,6 +38,8 @@ class CheckpointOptions:
         problems = []
         if self.keep_rolling < 1:
             problems.append(f"keep_rolling must be at least 1 (got {self.keep_rolling})")
+        if self.keep_best < 0:
+            problems.append(f"keep_best cannot be negative (got {self.keep_best})")
         if self.keep_emergency < 1:
             problems.append(f"keep_emergency must be at least 1 (got {self.keep_emergency})")
         if self.save_every is not None and self.save_every < 1:

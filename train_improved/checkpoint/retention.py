@@ -27,6 +27,21 @@ def keep_last(n: int) -> Policy:
     return policy
 
 
+def keep_best_n(n: int, mode: str) -> Policy:
+    """Keep the `n` best of (value, step) pairs, `mode` min or max; a tie goes to the earlier step, a
+    missing value (a file ranked by another metric) ranks last."""
+
+    def policy(items: Sequence[tuple[float | None, int]]) -> list[bool]:
+        def rank(i: int) -> tuple[bool, float, int]:
+            value, step = items[i]
+            return value is None, (value or 0.0) * (1 if mode == "min" else -1), step
+
+        kept = set(sorted(range(len(items)), key=rank)[:n])
+        return [i in kept for i in range(len(items))]
+
+    return policy
+
+
 def keep_all(items: Sequence[T]) -> list[bool]:
     """Keep everything (epoch checkpoints are kept forever)."""
     return [True] * len(items)

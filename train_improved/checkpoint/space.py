@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .layout import Kind
 
-PRIORITY = (Kind.EMERGENCY, Kind.ROLLING, Kind.EPOCH, Kind.BEST)
+PRIORITY = (Kind.EMERGENCY, Kind.ROLLING, Kind.EPOCH, Kind.BEST, Kind.TOP)
 WITH_COPY = (Kind.ROLLING, Kind.BEST)  # written with an independent copy: rolling_last_backup, best_model_backup
 LOW_DISK_ROLLING = 2  # rolling checkpoints kept, whatever keep_rolling says, when a save would not fit otherwise
 
