@@ -63,7 +63,7 @@ def reference(options: dict) -> dict[int, float]:
             opt.step()
             opt.zero_grad(set_to_none=True)
             if step % cfg.eval_interval == 0 or step == trainer.total_steps:
-                out[step] = trainer.evaluate(stop)
+                out[step] = trainer.evaluate(stop)["val_loss"]
     return out
 
 

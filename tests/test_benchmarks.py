@@ -21,6 +21,7 @@ CASES = {
     "quality": ["--steps", "6", "--eval-interval", "3", "--tiny"],
     "mirror_io": ["--n-embd", "32", "--steps", "6", "--every", "3", "--large-mb", "8"],
     "fsdp_stall": ["--n-layer", "1", "--n-embd", "32", "--steps", "4", "--every", "2"],  # 2 torchrun jobs
+    "task_overhead": ["--steps", "8", "--rounds", "1", "--workers", "0"],
 }
 
 

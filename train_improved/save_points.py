@@ -16,30 +16,71 @@ import math
 import shlex
 import signal
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from . import distributed
-from .checkpoint import Kind, SaveResult, sharded
+from .checkpoint import CheckpointManager, Kind, SaveResult, sharded
 from .checkpoint.records import human_bytes
 from .config import TrainConfig, format_duration
+from .metrics import MetricsLogger
 from .signals import GracefulStop
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 logger = logging.getLogger("train_improved")
 EXIT_NOT_DURABLE = 3  # training ended, but its final state could not be committed (disk full, I/O errors)
 MIRROR_CATCH_UP_S = 300.0  # at the normal end, how long the run waits for its mirror
 
 
+AUTO_FIRST_INTERVAL = 250  # steps between rolling saves under --checkpoint-freq auto before any cost is known
+
+
+class Loop(Protocol):
+    """What the save points read of the training loop (trainer.Trainer); they never write its fields."""
+
+    cfg: TrainConfig
+    dist: distributed.Dist
+    device: str
+    step: int
+    epoch: int
+    epoch_ended: bool  # the last step finished an epoch
+    updating: bool  # inside the optimizer update: the state is not consistent
+    step_time: float | None  # seconds per step (moving average)
+    last_eval_step: int
+    manager: CheckpointManager | None  # rank 0's store; None on the other ranks
+    metrics: MetricsLogger | None
+    shard_writer: sharded.ShardWriter | None
+    stored_args: dict[str, Any]
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def metrics_now(self) -> dict[str, float]: ...
+    def eval_due(self, step: int) -> bool: ...
+    def evaluate_and_record(self, stop: GracefulStop) -> dict[str, float] | None: ...
+
+
 class SavePoints:
-    def __init__(self, trainer: Trainer) -> None:
-        self.t = trainer
-        self.cfg = trainer.cfg
-        if self.cfg.checkpoint_freq == "auto" and trainer.manager is not None:
-            known = "" if trainer.save_cost is None else f" (resumed: save cost {trainer.save_cost:.3f}s)"
+    """The save cadence of a run (`every`, which --checkpoint-freq auto retunes from measured costs) and
+    how it ends. `state_dict()` is part of every checkpoint, so a resumed run keeps its cadence."""
+
+    def __init__(self, loop: Loop) -> None:
+        self.t = loop
+        self.cfg = loop.cfg
+        # --checkpoint-freq auto starts at the default interval until a save has been timed.
+        self.every = self.cfg.checkpoint_freq if isinstance(self.cfg.checkpoint_freq, int) else AUTO_FIRST_INTERVAL
+        self.save_cost: float | None = None  # the loop's stall of the last committed save
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"every": self.every, "step_time": self.t.step_time, "save_cost": self.save_cost}
+
+    def load_state_dict(self, auto: dict[str, Any]) -> None:
+        """A checkpoint's `checkpoint_freq_auto`: kept only under --checkpoint-freq auto."""
+        if self.cfg.checkpoint_freq == "auto":
+            self.every = auto.get("every") or self.every
+            self.save_cost = auto.get("save_cost")
+
+    def announce(self) -> None:
+        if self.cfg.checkpoint_freq == "auto" and self.t.manager is not None:
+            known = "" if self.save_cost is None else f" (resumed: save cost {self.save_cost:.3f}s)"
             logger.info("checkpoint interval: every %d steps %s(--checkpoint-freq auto, MTBF %s)%s",
-                        trainer.save_every, "" if known else "until a save has been timed ",
+                        self.every, "" if known else "until a save has been timed ",
                         format_duration(self.cfg.mtbf), known)
 
     def after_step(self, stop: GracefulStop) -> None:
@@ -49,7 +90,7 @@ class SavePoints:
         kinds = []
         if t.eval_due(t.step):
             kinds += self.evaluate_and_save(stop, save=False)
-        if t.save_every and t.step % t.save_every == 0:
+        if self.every and t.step % self.every == 0:
             kinds.append(Kind.ROLLING)
         if t.epoch_ended:
             kinds.append(Kind.EPOCH)
@@ -57,20 +98,17 @@ class SavePoints:
 
     def evaluate_and_save(self, stop: GracefulStop, save: bool = True) -> list[Kind]:
         t = self.t
-        measured = t.evaluate(stop)
+        measured = t.evaluate_and_record(stop)
         if measured is None:
             return []
-        val = measured.pop("val_loss")
-        t.val_loss, t.val_metrics, t.last_eval_step = val, measured, t.step
-        assert t.metrics is not None
-        t.metrics.log("eval", step=t.step, val_loss=val, **measured)
+        val = measured["val_loss"]
         # Rank 0's store holds the one best tracker; every rank must take the same decision (a save is collective).
         improved = t.manager is not None and t.manager.is_improvement(t.metrics_now())
         improved = distributed.any_rank(t.dist, improved, t.device)
         if t.manager is not None:
             best = t.manager.best_value
             note = "new best" if improved else f"best {self.cfg.metric} {best:.4f}" if best is not None else "no best"
-            shown = "".join(f", {k} {v:.4f}" for k, v in measured.items())
+            shown = "".join(f", {k} {v:.4f}" for k, v in measured.items() if k != "val_loss")
             logger.info("step %d: val_loss %.4f%s (%s)", t.step, val, shown, note)
         top = distributed.any_rank(t.dist, t.manager is not None and t.manager.enters_top(t.metrics_now()), t.device)
         kinds = [Kind.BEST] * improved + [Kind.TOP] * top
@@ -93,7 +131,7 @@ class SavePoints:
             if self.cfg.checkpoint_freq == "auto":
                 self._retune()
         if t.dist.enabled:
-            t.save_every = distributed.gather(t.dist, t.save_every)[0]  # rank 0 measured the cost
+            self.every = distributed.gather(t.dist, self.every)[0]  # rank 0 measured the cost
             distributed.barrier(t.dist)
 
     def checkpoint(self, kinds: list[Kind], emergency_budget: float | None = None,
@@ -146,7 +184,7 @@ class SavePoints:
             written = f", {human_bytes(r.bytes)} written with its copy" if r.bytes != r.file_bytes else ""
             logger.info("saved %s (step %d, %s%s, stall %.3fs, write %.2fs)", r.name, r.step,
                         human_bytes(r.file_bytes), written, r.stall_s, r.write_s)
-            t.save_cost = r.stall_s
+            self.save_cost = r.stall_s
         for sync in t.manager.mirror_events():  # the second tier: how far the mirror lags
             lag = t.step - (sync["mirrored_step"] or 0)
             t.metrics.log("mirror", step=t.step, mirrored_step=sync["mirrored_step"], mirror_lag_steps=lag,
@@ -158,14 +196,14 @@ class SavePoints:
     def _retune(self) -> None:
         """--checkpoint-freq auto: Young's interval sqrt(2 * cost * MTBF), in steps, from measured costs."""
         t = self.t
-        if t.save_cost is None or not t.step_time:
+        if self.save_cost is None or not t.step_time:
             return
-        cost = max(t.save_cost, 1e-3)
+        cost = max(self.save_cost, 1e-3)
         every = max(1, round(math.sqrt(2 * cost * self.cfg.mtbf) / t.step_time))
-        if every != t.save_every:
+        if every != self.every:
             logger.info("checkpoint interval: every %d steps (save cost %.3fs, MTBF %s)", every, cost,
                         format_duration(self.cfg.mtbf))
-            t.save_every = every
+            self.every = every
 
     def _committed(self) -> bool:
         """Whether latest.pt holds the current step, on this line of training (rank 0's view)."""

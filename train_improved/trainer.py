@@ -36,7 +36,6 @@ from .task import Task, to_device
 from .workloads import GPTWorkload, TaskWorkload
 
 logger = logging.getLogger("train_improved")
-AUTO_FIRST_INTERVAL = 250  # steps between rolling saves under --checkpoint-freq auto before any cost is known
 
 
 class Progress(Protocol):
@@ -128,13 +127,11 @@ class Trainer:
         self.last_eval_step = 0
         self.epoch_ended = False  # the last step finished an epoch
         self._prefetched: tuple[tuple[int, int], Any] | None = None
-        # --checkpoint-freq auto starts at the default interval until a save has been timed.
-        self.save_every = cfg.checkpoint_freq if isinstance(cfg.checkpoint_freq, int) else AUTO_FIRST_INTERVAL
         self.step_time: float | None = None  # seconds per step (moving average), for --checkpoint-freq auto
-        self.save_cost: float | None = None  # the loop's stall of the last committed save, likewise
         self.updating = False  # inside the optimizer update: the state is not consistent
         self.manager: CheckpointManager | None = None
         self.metrics: MetricsLogger | None = None
+        self.saves = SavePoints(self)  # when to save, and how the run ends
 
     def _total_steps(self) -> int:
         """The last step of the run: the end of --num-epochs from the sampler's position, or --max-steps."""
@@ -190,8 +187,7 @@ class Trainer:
             "dataloader_state": {"train_epoch": data["epoch"], "train_index": data["index"],
                                  "train_curr_shard": data.get("curr_shard", 0), "train_curr_pos": data.get("curr_pos", 0),
                                  "train_fingerprint": self.workload.fingerprint, "val_curr_shard": 0, "val_curr_pos": 0},
-            "checkpoint_freq_auto": {"every": self.save_every, "step_time": self.step_time,
-                                     "save_cost": self.save_cost},
+            "checkpoint_freq_auto": self.saves.state_dict(),
         }
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
@@ -232,9 +228,9 @@ class Trainer:
         self.val_metrics = dict(state.get("val_metrics") or {})
         self.last_eval_step = int(state.get("last_eval_step", self.step))
         auto = state.get("checkpoint_freq_auto") or {}
+        self.saves.load_state_dict(auto)
         if self.cfg.checkpoint_freq == "auto":
-            self.save_every = auto.get("every") or self.save_every
-            self.step_time, self.save_cost = auto.get("step_time"), auto.get("save_cost")
+            self.step_time = auto.get("step_time")
         restore_rng_state(state["rng_state"])
         self.total_steps = self._total_steps()
         self._prefetched = None
@@ -325,7 +321,8 @@ class Trainer:
             logger.warning("--warmup-steps %d is not shorter than the run (%d steps): the learning rate never "
                            "reaches --lr %g", cfg.warmup_steps, self.total_steps, cfg.lr)
         self.progress.start(self.total_steps, self.step)
-        saves = SavePoints(self)
+        saves = self.saves
+        saves.announce()
         rate_key, per_step = self.workload.throughput  # tokens (GPT) or samples (a task) per step
         try:
             if self.eval_due(self.step) and self.last_eval_step < self.step:
@@ -355,6 +352,17 @@ class Trainer:
             raise
         finally:
             self.progress.stop()
+            self.workload.close()  # DataLoader workers stop now, not in the interpreter's teardown
+
+    def evaluate_and_record(self, stop: GracefulStop) -> dict[str, float] | None:
+        """Evaluate, keep the values as the run's latest and log them; None if a stop cut it short."""
+        measured = self.evaluate(stop)
+        if measured is not None:
+            self.val_loss, self.last_eval_step = measured["val_loss"], self.step
+            self.val_metrics = {k: v for k, v in measured.items() if k != "val_loss"}
+            assert self.metrics is not None
+            self.metrics.log("eval", step=self.step, **measured)
+        return measured
 
     def eval_due(self, step: int) -> bool:
         return step > 0 and (step % self.cfg.eval_interval == 0 or step == self.total_steps)
