@@ -297,3 +297,33 @@ def test_the_digits_example_reaches_a_real_accuracy(tmp_path: Path) -> None:
     accuracy = [r["accuracy"] for r in read_metrics(tmp_path / "runs" / "metrics.jsonl") if r["event"] == "eval"]
     assert accuracy[-1] >= 0.95 and read_footer(tmp_path / "checkpoints" / "best_model.pt")["metrics"]["accuracy"] \
         == max(accuracy) >= 0.95
+
+
+def test_a_tasks_weights_export_as_safetensors_and_gpt_tools_refuse_it(uninterrupted: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    code, err = train_in_process("--export", "best", "--to", str(tmp_path / "digits.safetensors"),
+                                 cwd=uninterrupted, monkeypatch=monkeypatch)
+    assert code == 0, err
+    state = load_checkpoint(uninterrupted / "checkpoints" / "best_model.pt")[0]
+    exported = load_file(str(tmp_path / "digits.safetensors"))
+    assert exported.keys() == state["model"].keys()
+    assert all(torch.equal(exported[k], v) for k, v in state["model"].items())
+    with safe_open(str(tmp_path / "digits.safetensors"), "pt") as f:
+        assert f.metadata()["task"] == DIGITS and '"width": 8' in f.metadata()["task_options"]
+    for args in (["--sample", "best"], ["--export", "best", "--to", str(tmp_path / "hf"), "--format", "hf"]):
+        code, err = train_in_process(*args, cwd=uninterrupted, monkeypatch=monkeypatch)
+        assert code == 1 and "holds the model of --task" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_resumed_task_run_checks_metric_before_it_restores(uninterrupted: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    code, err = train_in_process("--resume", "latest", "--metric", "acuracy", cwd=run, monkeypatch=monkeypatch)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "--metric 'acuracy' is not a metric this run produces: choose val_loss, train_loss, accuracy" in err

@@ -7,7 +7,8 @@
 The source is verified (its digest, every shard file of a sharded one) before it is read, and a
 sharded (--fsdp) checkpoint is consolidated in this one process. The weights go through the GPT
 they belong to, so a checkpoint of another shape is refused and tied weights (lm_head = wte) are
-found and stored once, named in the metadata. The file is written atomically (temporary name,
+found and stored once, named in the metadata. A --task checkpoint's model is the task's: its
+state_dict goes out as it is (tensors sharing storage stored once), with the task in the metadata. The file is written atomically (temporary name,
 fsync, rename), then read back and compared tensor by tensor. Its metadata header holds the
 source's name, step and digest, the model's shape and this package's version.
 """
@@ -47,6 +48,21 @@ def load_gpt(which: str, directory: Path, *, mirror: str | None = None,
 
     Nothing is written to `directory`: a checkpoint that only the mirror holds is downloaded aside.
     """
+    weights, footer, source = load_weights(which, directory, mirror=mirror, mirror_options=mirror_options)
+    if task := task_of(footer):
+        raise CheckpointError(f"{source} holds the model of --task {task}, not the built-in GPT: "
+                              "export its weights as safetensors (--export), or sample it with the task's own code")
+    return gpt_from_weights(weights, footer, source), footer, source
+
+
+def task_of(footer: dict[str, Any]) -> str | None:
+    args = footer.get("args")
+    return args.get("task") if isinstance(args, dict) else None
+
+
+def load_weights(which: str, directory: Path, *, mirror: str | None = None,
+                 mirror_options: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """The model state of checkpoint `which` (see `load_gpt`), its footer and where it came from."""
     if "://" in which:  # one object of a mirror
         url, name = which.rsplit("/", 1)
         weights, footer, source = _from_mirror(url, name, mirror_options)
@@ -57,7 +73,7 @@ def load_gpt(which: str, directory: Path, *, mirror: str | None = None,
             if mirror is None or layout.is_explicit_path(which):
                 raise
             weights, footer, source = _from_mirror(mirror, which, mirror_options)
-    return gpt_from_weights(weights, footer, source), footer, source
+    return weights, footer, source
 
 
 def _from_mirror(url: str, which: str, options: dict[str, Any] | None
@@ -119,12 +135,12 @@ def check_fits(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], 
 # ---------------------------------------------------------------------- safetensors
 
 
-def weights_once(model: torch.nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's tensors in `dtype`, each storage once; and alias -> name for the tied ones left out."""
+def weights_once(state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A state dict's tensors in `dtype`, each storage once; and alias -> name for the tied ones left out."""
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for name, t in model.state_dict().items():  # in the model's order: wte.weight keeps its name, lm_head is the alias
+    for name, t in state.items():  # in the model's order: wte.weight keeps its name, lm_head is the alias
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in seen:
             tied[name] = seen[key]
@@ -164,13 +180,28 @@ def export(which: str, target: Path, directory: Path, *, fmt: str = "safetensors
     if not target.parent.is_dir():
         raise CheckpointError(f"{target.parent} is not a directory")
     _safetensors()
-    model, footer, source = load_gpt(which, directory, mirror=mirror, mirror_options=mirror_options)
+    weights, footer, source = load_weights(which, directory, mirror=mirror, mirror_options=mirror_options)
+    if task := task_of(footer):
+        if fmt != "safetensors":
+            raise CheckpointError(f"--format {fmt} writes the built-in GPT; {source} holds the model of --task "
+                                  f"{task}: export it as safetensors")
+        tensors, tied = weights_once({k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}, DTYPES[dtype])
+        args = footer["args"]
+        write_safetensors(target, tensors, {
+            "format": "pt", "producer": f"train_improved {__version__}", "source": source,
+            "source_name": str(footer.get("name")), "source_digest": str(footer.get("digest")),
+            "step": str(footer.get("step")), "task": str(task), "task_options": json.dumps(args.get("task_options")),
+            "task_digest": str(args.get("task_digest")), "dtype": dtype, "tied": json.dumps(tied)})
+        params = sum(t.numel() for t in tensors.values())
+        return (f"exported {source} (step {footer.get('step')}, task {Path(task).name}) to {target} "
+                f"({fmt}, {dtype}, {params:,} values)")
+    model = gpt_from_weights(weights, footer, source)
     if fmt == "hf":
         from .hf_export import write_hf_directory
 
         write_hf_directory(target, model, metadata(footer, source, model, dtype, {}), DTYPES[dtype])
     else:
-        tensors, tied = weights_once(model, DTYPES[dtype])
+        tensors, tied = weights_once(model.state_dict(), DTYPES[dtype])
         write_safetensors(target, tensors, metadata(footer, source, model, dtype, tied))
     return (f"exported {source} (step {footer.get('step')}) to {target} ({fmt}, {dtype}, "
             f"{model.num_params() / 1e6:.2f}M parameters)")

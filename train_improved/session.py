@@ -233,11 +233,15 @@ def _open_and_restore(pre: TrainConfig, resume: str | None
     """Lock the directory and restore `resume` along the fallback chain, the local store first, then the mirror."""
     directory = Path(pre.checkpoint_dir)
     # The store seeds its best tracking from --metric and --mode as it restores: refused first. A task's
-    # metrics are known once it runs; a resumed run is a task's if its newest checkpoint says so.
-    if pre.task is None and resume is not None and directory.is_dir():
+    # metrics are known once it runs, and recorded in its checkpoints: a resumed run's newest one says them.
+    task_metrics = None
+    if resume is not None and directory.is_dir():
         newest = CheckpointManager(directory, read_only=True).latest()
-        pre = dataclasses.replace(pre, task=((newest.meta.get("args") or {}).get("task") if newest else None))
-    config.check_best_metric(pre)
+        args = (newest.meta.get("args") or {}) if newest is not None and newest.ok else {}
+        if args.get("task") and (pre.task is None or pre.task == args["task"]):
+            pre = dataclasses.replace(pre, task=args["task"])
+            task_metrics = args.get("task_metrics")
+    config.check_best_metric(pre, task_metrics)
     manager, state, info = None, None, None
     try:
         if resume is not None and (directory.is_dir() or resume not in ("latest", "best", "auto") or pre.mirror):

@@ -108,7 +108,10 @@ class Trainer:
         self.epoch = 0  # the epoch of the last completed step
         self.total_steps = self._total_steps()
         self.raw_model = self.workload.model
-        self.stored_args = {**cfg.stored_args(), **({"task_digest": task.digest} if task is not None else {})}
+        # A task's source digest and the metrics it reports: a resume compares the one and checks --metric
+        # against the other before it restores anything.
+        self.stored_args = {**cfg.stored_args(), **({"task_digest": task.digest, "task_metrics": self.workload.metric_names}
+                                                    if task is not None else {})}
         if cfg.fsdp and not self.dist.enabled:
             raise ConfigError("--fsdp shards the model across processes: run it under torchrun "
                               "(torchrun --nproc_per_node N -m train_improved --fsdp ...)")

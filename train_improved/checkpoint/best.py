@@ -27,14 +27,14 @@ class BestTracker:
         self.best: tuple[float, int] | None = None  # committed (value, step)
         self._pending: tuple[float, int] | None = None  # a best save in flight
 
-    def seed(self, resumed: dict[str, Any] | None, best_files: list[dict[str, Any]]) -> None:
+    def seed(self, resumed: dict[str, Any] | None, best_files: list[dict[str, Any]], announce: bool = True) -> None:
         """The best so far: the resumed checkpoint's own record, else best_model.pt's (oldest format: its metric)."""
         self._pending = None
         for meta in ([resumed] if resumed is not None else []) + best_files:
             record = meta.get("best")
             if isinstance(record, dict):
                 same = record.get("metric") == self.metric and record.get("mode") == self.mode
-                if not same and meta is resumed:
+                if not same and meta is resumed and announce:
                     logger.info("best tracking starts again: the checkpoint tracked %s (%s), this run %s (%s)",
                                 record.get("metric"), record.get("mode"), self.metric, self.mode)
                 value = record.get("value")

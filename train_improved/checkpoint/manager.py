@@ -224,7 +224,7 @@ class CheckpointManager:
     def _seed_best(self) -> None:
         self._best = BestTracker(self.options.metric, self.options.mode)
         best_files = [i.meta for i in (self._named(layout.BEST), self._named(layout.BEST_BACKUP)) if i and i.ok]
-        self._best.seed(self._resumed, best_files)
+        self._best.seed(self._resumed, best_files, announce=not self.read_only)  # a reader tracks nothing
 
     def protect(self, name: str) -> None:
         """Never delete `name` during this manager's life (the file being resumed from)."""
