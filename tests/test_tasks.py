@@ -327,3 +327,36 @@ def test_a_resumed_task_run_checks_metric_before_it_restores(uninterrupted: Path
     code, err = train_in_process("--resume", "latest", "--metric", "acuracy", cwd=run, monkeypatch=monkeypatch)
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "--metric 'acuracy' is not a metric this run produces: choose val_loss, train_loss, accuracy" in err
+    # A task option that changes the model's parameters: the weights no longer fit, said in one line.
+    code, err = train_in_process("--resume", "latest", "--width", "16", "--max-steps", "70", cwd=run,
+                                 monkeypatch=monkeypatch)
+    assert code == 1 and "error: the checkpoint's model does not fit this model shape" in err, err
+    assert "--width" in err.split("error:")[0] and "changes the trajectory" in err.split("error:")[0]
+
+
+@pytest.mark.distributed
+def test_a_task_under_fsdp_resumes_from_its_sharded_checkpoint(tmp_path: Path) -> None:
+    """FSDP2 shards the task's model as one unit; a resume from the middle continues the same losses."""
+    import os
+    import shutil
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "train_improved"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--task", DIGITS, "--width", "8", "--max-steps", "12", "--batch-size", "32", "--mini-batch-size", "16",
+            "--eval-interval", "6", "--checkpoint-freq", "6", "--num-workers", "0", "--fsdp", "--seed", "3"]
+    done = subprocess.run([*torchrun, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "rolling_step_000006.pt").is_dir()  # sharded: a directory
+    full = step_losses(tmp_path / "runs" / "metrics.jsonl")
+    branch = tmp_path / "branch"
+    shutil.copytree(tmp_path / "checkpoints", branch / "checkpoints")
+    for later in ("rolling_step_000012.pt", "latest.pt", "latest_backup.pt", "rolling_last_backup.pt"):
+        target = branch / "checkpoints" / later
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    resumed = subprocess.run([*torchrun, "--resume", str(branch / "checkpoints" / "rolling_step_000006.pt")],
+                             cwd=branch, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = step_losses(branch / "runs" / "metrics.jsonl")
+    assert sorted(again) == list(range(7, 13))
+    assert all(again[s] == pytest.approx(full[s], rel=1e-5) for s in again)
