@@ -131,12 +131,6 @@ class GPT(nn.Module):
         ]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, **adamw_kernels(device_type))
 
-    @staticmethod
-    def apply_optimizer_options(optimizer: torch.optim.Optimizer, weight_decay: float, *, device_type: str) -> None:
-        """This run's weight decay and kernels, on an optimizer whose loaded param_groups carry another run's."""
-        for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0), strict=True):
-            group.update(weight_decay=decay, **adamw_kernels(device_type))
-
     @torch.no_grad()
     def generate(
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
