@@ -360,3 +360,15 @@ def test_a_task_under_fsdp_resumes_from_its_sharded_checkpoint(tmp_path: Path) -
     again = step_losses(branch / "runs" / "metrics.jsonl")
     assert sorted(again) == list(range(7, 13))
     assert all(again[s] == pytest.approx(full[s], rel=1e-5) for s in again)
+
+
+def test_a_task_and_its_options_from_a_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`task` and a [task_options] table in TOML, below the command line: one option of the task overrides one."""
+    (tmp_path / "run.toml").write_text(f'task = "{DIGITS}"\nmax_steps = 2\nnum_workers = 0\n\n'
+                                       "[task_options]\nwidth = 4\nmax_shift = 0\n")
+    code, err = train_in_process("--config", "run.toml", "--max-shift", "2", "--eval-interval", "2", cwd=tmp_path,
+                                 monkeypatch=monkeypatch)
+    assert code == 0, err
+    args = read_footer(tmp_path / "checkpoints" / "latest.pt")["args"]
+    assert args["task"] == DIGITS and args["task_options"] == {"width": 4, "max_shift": 2}
+    assert args["num_epochs"] == 12 and args["batch_size"] == 64  # the task's DEFAULTS, below the file

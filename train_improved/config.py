@@ -197,7 +197,7 @@ def _parse_optional_str(value: Any) -> str | None:
 
 
 def _parse_task_options(value: Any) -> dict[str, Any]:
-    """A [task] table (TOML), a dict (the command line, a checkpoint), or a JSON object (the environment)."""
+    """A [task_options] table (TOML), a dict (the command line, a checkpoint), or a JSON object."""
     if isinstance(value, str):
         value = json.loads(value)
     if not isinstance(value, dict):
@@ -253,8 +253,6 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     if isinstance(data.get("train"), dict):  # also accept the options under a [train] table
         data = {**{k: v for k, v in data.items() if k != "train"}, **data["train"]}
-    if "task" in data and isinstance(data["task"], dict):  # [task]: the task's own options
-        data["task_options"] = data.pop("task")
     return coerce(data, f"config file {path}")
 
 

@@ -4,7 +4,7 @@ A task is a Python file (or an importable module: `--task pkg.module`) of plain 
 class, nothing to register:
 
     @dataclass
-    class Options:                 # optional: the task's own options (--width 64, or [task] in a TOML file)
+    class Options:                 # optional: the task's own options (--width 64, or [task_options] in a TOML file)
         width: int = 32
 
     DEFAULTS = {"num_epochs": 10}  # optional: train's options for this task, below anything given
