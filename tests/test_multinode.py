@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -48,7 +49,7 @@ def launch(cwd: Path, node: int, port: int, *args: str) -> subprocess.Popen:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                 "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
                 "-m", "train_improved", *args, "--checkpoint-dir", str(mount_at)]
-    script = f"mount --bind {disk} {mount_at} && exec {' '.join(map(str, torchrun))}"
+    script = f"mount --bind {disk} {mount_at} && exec {shlex.join(map(str, torchrun))}"
     return subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", script], cwd=cwd,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -99,3 +100,80 @@ def test_a_sharded_checkpoint_that_only_one_node_holds_is_refused_in_one_line(tm
     assert "use a --checkpoint-dir every node shares" in out[0]
     assert "train_improved/" not in out[0] and "train_improved/" not in out[1]  # no traceback of ours (torchrun
     # prints its own ChildFailedError for a worker that exits 1)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def launch_alone(cwd: Path, node: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """One process, no torchrun, on node `node`'s disk: the job relaunched on what is left."""
+    disk, mount_at = cwd / f"disk_{node}", cwd / "ck"
+    command = [sys.executable, "-m", "train_improved", *args, "--checkpoint-dir", str(mount_at)]
+    script = f"mount --bind {disk} {mount_at} && exec {shlex.join(map(str, command))}"
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script], cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+
+
+@needs_namespaces
+def test_the_writing_node_lost_then_the_job_resumes_on_the_other_node_alone_from_the_bucket(s3, tmp_path: Path
+                                                                                            ) -> None:
+    """Node 0 (rank 0, the writer) dies with its disk mid-run; node 1 never held a checkpoint. The job is
+    relaunched on node 1 alone: it resumes from the bucket on 1 rank, and the bucket keeps its history."""
+    from conftest import read_metrics
+
+    steps = 60  # 12 steps an epoch: epoch files at 12, 24, 36, 48, 60
+    args = ["--data", "corpus.txt", *TINY, "--max-steps", str(steps), "--num-epochs", "10",
+            "--mirror", "s3://bucket/lostnode", "--mirror-options", s3.options()]
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    for d in (reference, victim):
+        d.mkdir()
+        (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
+    out = run_both(reference, "--data", "corpus.txt", *TINY, "--max-steps", str(steps), "--num-epochs", "10")
+    assert all(o.startswith("exit 0") for o in out), out
+
+    port = free_port()
+    nodes = [launch(victim, node, port, *args) for node in (0, 1)]
+    target = random.randint(8, 24)  # seeded: conftest.TEST_SEED
+    metrics = victim / "runs" / "metrics.jsonl"
+    import time
+
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and any(r["event"] == "mirror" and (r["mirrored_step"] or 0) >= target
+                                        for r in read_metrics(metrics))):
+        if time.monotonic() > deadline or nodes[0].poll() is not None:
+            raise AssertionError(f"the mirror never reached step {target}: {nodes[0].communicate()[1][-3000:]}")
+        time.sleep(0.01)
+    workers = {n: children(p.pid) for n, p in enumerate(nodes)}
+    for pid in workers[0] + workers[1]:
+        os.kill(pid, signal.SIGSTOP)  # both nodes hold still while node 0 is lost
+    for pid in [*workers[0], nodes[0].pid]:
+        os.kill(pid, signal.SIGKILL)
+    for pid in workers[1]:
+        os.kill(pid, signal.SIGCONT)  # node 1 finds its peer gone
+    for p in nodes:
+        p.communicate(timeout=300)
+    assert nodes[0].returncode == -signal.SIGKILL and nodes[1].returncode != 0
+    first_life = step_losses(metrics)
+    assert max(first_life) < steps, "the run ended before node 0 was lost"
+    shutil.rmtree(victim / "disk_0")  # the node is gone, and its disk with it
+    assert not any((victim / "disk_1").iterdir())
+    mirrored = s3.store("s3://bucket/lostnode").manifest()["latest.pt"].step
+
+    again = launch_alone(victim, 1, *args, "--resume", "auto", "--metrics-file", "runs/relaunched.jsonl")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"at step {mirrored}" in again.stderr
+    theirs = step_losses(reference / "runs" / "metrics.jsonl")
+    assert first_life == {s: theirs[s] for s in first_life}  # the 2-node life, bitwise
+    second_life = step_losses(victim / "runs" / "relaunched.jsonl")
+    assert sorted(second_life) == list(range(mirrored + 1, steps + 1))
+    for step, loss in second_life.items():  # 1 rank now: only the reduction order differs
+        assert loss == pytest.approx(theirs[step], rel=1e-4), step
+    # Every tier afterwards: node 1's new store and the bucket, whose history the recovery kept.
+    assert torch.load(victim / "disk_1" / "latest.pt", weights_only=True)["step"] == steps
+    manifest = s3.store("s3://bucket/lostnode").manifest()
+    assert manifest["latest.pt"].step == steps
+    assert {f"epoch_0000{e}.pt" for e in range(5)} <= set(manifest)
