@@ -372,3 +372,17 @@ def test_a_task_and_its_options_from_a_config_file(tmp_path: Path, monkeypatch: 
     args = read_footer(tmp_path / "checkpoints" / "latest.pt")["args"]
     assert args["task"] == DIGITS and args["task_options"] == {"width": 4, "max_shift": 2}
     assert args["num_epochs"] == 12 and args["batch_size"] == 64  # the task's DEFAULTS, below the file
+
+
+def test_a_task_file_imports_by_name_in_spawned_workers() -> None:
+    """Where DataLoader workers are spawned (macOS, Windows), each imports the task's dataset class by name."""
+    from train_improved.samples import KeyedSamples
+    from train_improved.task import load_task
+
+    task = load_task(DIGITS)
+    train, _ = task.module.datasets(task.options)
+    assert task.module.__name__ == "digits" and str(Path(DIGITS).parent) in sys.path
+    loader = torch.utils.data.DataLoader(KeyedSamples(train, 3), batch_sampler=[[(0, i) for i in range(4)]],
+                                         num_workers=1, multiprocessing_context="spawn")
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 1, 8, 8) and labels.tolist() == [int(train.labels[i]) for i in range(4)]

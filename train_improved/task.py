@@ -190,12 +190,7 @@ def load_task(spec: str, raw_options: dict[str, Any] | None = None) -> Task:
     source = locate(spec)
     try:
         if spec.endswith(".py") or Path(spec).expanduser().exists():
-            name = f"train_improved_task_{source.stem}_{source_digest(source)[:8]}"
-            loader = importlib.util.spec_from_file_location(name, source)
-            assert loader is not None and loader.loader is not None
-            module = importlib.util.module_from_spec(loader)
-            sys.modules[name] = module  # DataLoader workers and pickling find it by name
-            loader.loader.exec_module(module)
+            module = _import_file(source)
         else:
             module = importlib.import_module(spec)
     except Exception as e:  # noqa: BLE001 - the user's file: one line, where it failed
@@ -207,6 +202,33 @@ def load_task(spec: str, raw_options: dict[str, Any] | None = None) -> Task:
     task = Task(spec, module, source, None)
     task.options = parse_options(task, raw_options or {})
     return task
+
+
+def _import_file(source: Path) -> ModuleType:
+    """A task file as a module that DataLoader workers can import by name, also where they are spawned
+    (macOS, Windows): as its own name, from its directory appended to sys.path (which spawned children
+    inherit), unless that name is taken by another module; then under a name of its own (workers must fork)."""
+    name = source.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == source:
+        return loaded  # this file, already imported by this process
+    found = importlib.util.find_spec(name) if name.isidentifier() and loaded is None else None
+    if name.isidentifier() and loaded is None and (found is None or Path(found.origin or "").resolve() == source):
+        if found is None:  # its directory is not on sys.path yet (it is when the file is in the working directory)
+            sys.path.append(str(source.parent))
+            importlib.invalidate_caches()
+        return importlib.import_module(name)
+    name = f"train_improved_task_{name}_{source_digest(source)[:8]}".replace("-", "_")
+    loader = importlib.util.spec_from_file_location(name, source)
+    assert loader is not None and loader.loader is not None
+    module = importlib.util.module_from_spec(loader)
+    sys.modules[name] = module  # forked workers and pickling find it by name
+    try:
+        loader.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def option_fields(task: Task) -> list[dataclasses.Field[Any]]:
