@@ -266,6 +266,7 @@ def main() -> None:
 
 def _print_task_options(spec: str) -> None:
     """After `train --task X --help`: the task's own options, as a panel like train's."""
+    from rich.console import Console
     from rich.panel import Panel
     from rich.table import Table
 
@@ -284,8 +285,6 @@ def _print_task_options(spec: str) -> None:
                       f"[dim]\\[default: {escape(str(default))}][/dim]")
     doc = (task.module.__doc__ or "").strip().splitlines()
     title = f"Options of task {task.name}" + (f": {doc[0]}" if doc else "")
-    from rich.console import Console
-
     Console().print(Panel(table if table.row_count else "(none)", title=title, title_align="left",
                           border_style="dim"))
 

@@ -64,7 +64,7 @@ class TrainConfig:
     checkpoint_freq: int | str = 250  # steps between rolling checkpoints, or "auto" (Young's formula)
     keep_checkpoints: int = 10  # rolling checkpoints kept; best, epoch and emergency are kept separately
     keep_emergency_checkpoints: int = 10
-    metric: str = "val_loss"  # decides best_model.pt: val_loss or train_loss, the metrics a run produces
+    metric: str = "val_loss"  # decides best_model.pt: val_loss, train_loss, or a metric a --task reports
     mode: str = "min"  # min | max
     keep_best: int = 0  # also keep the K best evaluations by --metric as best_step_NNNNNN.pt; 0: the best triple only
     min_free_space: int = 0  # bytes that must stay free after a save, e.g. "10GB"
