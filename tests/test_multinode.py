@@ -177,3 +177,31 @@ def test_the_writing_node_lost_then_the_job_resumes_on_the_other_node_alone_from
     manifest = s3.store("s3://bucket/lostnode").manifest()
     assert manifest["latest.pt"].step == steps
     assert {f"epoch_0000{e}.pt" for e in range(5)} <= set(manifest)
+
+
+@needs_namespaces
+def test_sigterm_to_one_nodes_agent_puts_one_emergency_checkpoint_on_the_bucket(s3, tmp_path: Path) -> None:
+    """What a scheduler does at preemption: SIGTERM to node 0's agent. Both nodes stop at the same step, rank 0
+    writes one emergency checkpoint and waits for its upload (within --emergency-budget); with both disks gone,
+    the bucket alone resumes the job on both nodes, bitwise."""
+    args = ["--data", "corpus.txt", *TINY, "--max-steps", str(STEPS), "--num-epochs", "10",
+            "--mirror", "s3://bucket/preempted", "--mirror-options", s3.options()]
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    for d in (reference, victim):
+        d.mkdir()
+        (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
+    out = run_both(reference, "--data", "corpus.txt", *TINY, "--max-steps", str(STEPS), "--num-epochs", "10")
+    assert all(o.startswith("exit 0") for o in out), out
+    out = run_both(victim, *args, stop_at=random.randint(6, 18))  # seeded: conftest.TEST_SEED
+    assert out[0].startswith(f"exit {128 + signal.SIGTERM}") or out[0].startswith("exit 1"), out
+    emergency = sorted((victim / "disk_0").glob("emergency_step_*.pt"))
+    assert len(emergency) == 1 and not any((victim / "disk_1").iterdir())
+    manifest = s3.store("s3://bucket/preempted").manifest()
+    assert emergency[0].name in manifest  # uploaded before the process exited
+    assert manifest["latest.pt"].digest == manifest[emergency[0].name].digest
+    for disk in ("disk_0", "disk_1"):  # both machines gone; new ones have empty disks
+        shutil.rmtree(victim / disk)
+    out = run_both(victim, *args, "--resume", "auto")
+    assert all(o.startswith("exit 0") for o in out), out
+    assert step_losses(victim / "runs" / "metrics.jsonl") == step_losses(reference / "runs" / "metrics.jsonl")
+    assert s3.store("s3://bucket/preempted").manifest()["latest.pt"].step == STEPS
