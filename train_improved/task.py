@@ -19,7 +19,7 @@ class, nothing to register:
 The runner reads the training set in a shuffled, resumable order, with DataLoader workers, and
 runs every `train[i]` with the global generators seeded from (seed, epoch, i) (see samples.py).
 Everything a user can get wrong here is found before anything is written: `load_task` imports
-and checks the file, `Task.check` runs the model once on two samples of each set.
+and checks the file, `Task.try_once` runs the model once on two samples of each set.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class Task:
                 raise TaskError(f"--task {self.spec}: the {what} set is empty")
         return model, sets[0], sets[1]
 
-    def metric_names(self, model: Any, train: Any, held_out: Any, device: str, seed: int) -> list[str]:
+    def try_once(self, model: Any, train: Any, held_out: Any, device: str, seed: int) -> list[str]:
         """Run the model once on two samples of each set (eval mode, generators put back, nothing learned):
         `loss` must be a scalar with a gradient, `metrics` a dict of numbers. Returns the metric names."""
         import torch
@@ -134,7 +134,7 @@ class Task:
             raise TaskError(f"--task {self.spec}: metrics() must return a dict of numbers, got {type(found).__name__}")
         for name, v in found.items():
             number = isinstance(v, (int, float)) and not isinstance(v, bool) or \
-                isinstance(v, torch.Tensor) and v.numel() == 1 and (v.is_floating_point() or not v.dtype.is_complex)
+                isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex
             if not isinstance(name, str) or not name.isidentifier() or not number:
                 raise TaskError(f"--task {self.spec}: metrics() returned {name!r}: {type(v).__name__}; each metric "
                                 "must be a number (a float or a one-element tensor) under a name like 'accuracy'")

@@ -97,7 +97,7 @@ class TaskWorkload:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model, self.train_set, self.held_out = task.build()
         self.model = model.to(device)
-        self.metric_names = task.metric_names(self.model, self.train_set, self.held_out, device, cfg.seed)
+        self.metric_names = task.try_once(self.model, self.train_set, self.held_out, device, cfg.seed)
         self.order = SampleOrder(len(self.train_set), cfg.batch_size, cfg.seed)
         if self.order.steps_per_epoch == 0:
             raise TaskError(f"--task {task.spec}: the training set holds {len(self.train_set)} samples, fewer "
