@@ -6,6 +6,7 @@ from torch's generator inside `__getitem__`), made tiny with its own options.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -54,9 +55,9 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_digits_stopped_by_sigterm_mid_epoch_resumes_bitwise_with_workers(uninterrupted: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "train_improved", *SMALL, "--num-workers", "2"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_step(tmp_path / "runs" / "metrics.jsonl", random.randint(3, 38), proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the whole process group, DataLoader workers too
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     emergency = sorted((tmp_path / "checkpoints").glob("emergency_*.pt"))
@@ -238,7 +239,6 @@ def samples_by_step(record: Path, first_step: int, per_rank: int, last_step: int
 
 @pytest.mark.distributed
 def test_two_ranks_stopped_resume_on_one_reading_the_same_samples_at_every_step(tmp_path: Path) -> None:
-    import os
 
     args = [*SMALL, "--task", RECORDED, "--num-workers", "0", "--max-steps", "30"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -337,7 +337,6 @@ def test_a_resumed_task_run_checks_metric_before_it_restores(uninterrupted: Path
 @pytest.mark.distributed
 def test_a_task_under_fsdp_resumes_from_its_sharded_checkpoint(tmp_path: Path) -> None:
     """FSDP2 shards the task's model as one unit; a resume from the middle continues the same losses."""
-    import os
     import shutil
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
