@@ -57,3 +57,7 @@ def model(options: Options) -> torch.nn.Module:
 
 def loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch, labels=batch).loss
+
+
+def fsdp_units(model: GPT2LMHeadModel) -> list[torch.nn.Module]:
+    return list(model.transformer.h)  # with --fsdp: one all-gather per transformer block

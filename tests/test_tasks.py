@@ -165,6 +165,8 @@ BAD = {
                           "metrics() returned 'accuracy': str"),
     "model-raises": (GOOD.replace("return nn.Linear(4, 2)", "raise ValueError('width must be even')"),
                      "model() raised ValueError: width must be even (task.py:"),
+    "fsdp-units-not-modules": (GOOD + "\ndef fsdp_units(model):\n    return ['a block']\n",
+                               "fsdp_units() must return a list of the model's modules"),
     "state-not-plain": (GOOD.replace("def model(options):\n    return nn.Linear(4, 2)", STATEFUL),
                         "cannot be checkpointed safely"),
 }

@@ -15,6 +15,7 @@ class, nothing to register:
     def metrics(model, batch) -> dict[str, float]       # optional: held-out means, e.g. {"accuracy": ...}
     def collate(samples) -> batch                       # optional: default torch's default_collate
     def param_groups(model, weight_decay) -> list[dict] # optional: AdamW's groups (default: decay matrices)
+    def fsdp_units(model) -> list[torch.nn.Module]      # optional: --fsdp shards each on its own (its blocks)
 
 The runner reads the training set in a shuffled, resumable order, with DataLoader workers, and
 runs every `train[i]` with the global generators seeded from (seed, epoch, i) (see samples.py).

@@ -130,7 +130,14 @@ class TaskWorkload:
         return "samples_per_s", self.cfg.batch_size
 
     def shard_units(self) -> list[torch.nn.Module]:
-        return []  # FSDP2 shards the root module as one unit
+        """Under --fsdp, each of these is sharded on its own, then the root: the task's `fsdp_units(model)`
+        (typically its transformer blocks, one all-gather each), else the root alone."""
+        if not self.task.has("fsdp_units"):
+            return []
+        units = self.task.call("fsdp_units", self.model)
+        if not isinstance(units, (list, tuple)) or not all(isinstance(u, torch.nn.Module) for u in units):
+            raise TaskError(f"--task {self.task.spec}: fsdp_units() must return a list of the model's modules")
+        return list(units)
 
     def optimizer(self, device_type: str) -> torch.optim.Optimizer:
         wd = self.cfg.weight_decay
