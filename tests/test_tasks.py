@@ -387,3 +387,27 @@ def test_a_task_file_imports_by_name_in_spawned_workers() -> None:
                                          num_workers=1, multiprocessing_context="spawn")
     images, labels = next(iter(loader))
     assert images.shape == (4, 1, 8, 8) and labels.tolist() == [int(train.labels[i]) for i in range(4)]
+
+
+def test_a_task_run_survives_the_loss_of_its_machine_through_the_mirror(uninterrupted: Path, tmp_path: Path) -> None:
+    """--mirror with a task: stopped mid-epoch, the local disk lost, resumed from the bucket alone: bitwise."""
+    import shutil
+
+    mirror = f"file://{tmp_path / 'bucket'}"
+    first, second = tmp_path / "machine_0", tmp_path / "machine_1"
+    first.mkdir(), second.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "train_improved", *SMALL, "--num-workers", "0", "--mirror", mirror],
+                            cwd=first, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_step(first / "runs" / "metrics.jsonl", random.randint(25, 40), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    shutil.rmtree(first / "checkpoints")  # the machine is gone
+    run_train("--resume", "latest", "--mirror", mirror, cwd=second, check=True)  # the task comes from the bucket
+    theirs, covered = step_losses(uninterrupted / "runs" / "metrics.jsonl"), set()
+    for d in (first, second):
+        ours = step_losses(d / "runs" / "metrics.jsonl")
+        assert ours == {s: theirs[s] for s in ours}
+        covered |= set(ours)
+    assert covered == set(range(1, STEPS + 1))
+    assert_same_state(final_state(second / "checkpoints"), final_state(uninterrupted / "checkpoints"))
