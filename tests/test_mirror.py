@@ -664,3 +664,42 @@ def test_a_zombie_and_its_requeued_successor_on_one_prefix(s3: S3, tmp_path: Pat
 
     Mirror(s3.store("s3://bucket/zombie"), successor_dir / "checkpoints").close(wait=60)
     assert bucket_objects(remote, "zombie") == listed and remote.manifest() == manifest
+
+
+def test_a_sync_never_lists_half_of_a_save(tmp_path: Path, monkeypatch) -> None:
+    """A save of several kinds commits them one by one (rolling, then epoch). The mirror lists the directory only
+    between saves, so no manifest names latest.pt at step N while the epoch file of step N is still local: a
+    machine lost right after "mirrored up to step N" loses nothing of step N."""
+    from train_improved.checkpoint import CheckpointManager, CheckpointOptions, Kind, commit
+
+    reached, release = threading.Event(), threading.Event()
+    write_family = commit._write_family
+
+    def slow_epoch(ctx, kind, *args, **kwargs):  # noqa: ANN001, ANN202 - the store's own signature
+        if kind is Kind.EPOCH:
+            reached.set()  # rolling_step_000002.pt is committed and latest.pt names it
+            release.wait(60)
+        return write_family(ctx, kind, *args, **kwargs)
+
+    monkeypatch.setattr(commit, "_write_family", slow_epoch)
+    written, write_manifest = [], RemoteStore.write_manifest
+
+    def recording(self, entries, **kwargs):  # noqa: ANN001, ANN202
+        written.append(dict(entries))
+        return write_manifest(self, entries, **kwargs)
+
+    monkeypatch.setattr(RemoteStore, "write_manifest", recording)
+    with CheckpointManager(tmp_path / "ck", CheckpointOptions(mirror=f"file://{tmp_path / 'bucket'}",
+                                                              save_every=None)) as m:
+        m.save({"w": torch.ones(4), "step": 1}, step=1, kinds=[Kind.ROLLING])
+        m.wait_until_finished()
+        assert m.mirror.request(wait=60)
+        m.save({"w": torch.full((4,), 2.0), "step": 2}, step=2, epoch=0, kinds=[Kind.ROLLING, Kind.EPOCH])
+        assert reached.wait(60)
+        caught_up = m.mirror.request(wait=3)  # a sync runs now: it must wait for the whole save
+        release.set()
+        m.wait_until_finished()
+        assert m.mirror.request(wait=60)
+    assert not caught_up
+    assert all("epoch_00000.pt" in e for e in written if "latest.pt" in e and e["latest.pt"].step == 2)
+    assert "epoch_00000.pt" in written[-1] and written[-1]["latest.pt"].step == 2

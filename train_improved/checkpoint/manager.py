@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -88,6 +89,9 @@ class CheckpointManager:
         self._lock: DirectoryLock | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[list[SaveResult]] | None = None
+        # Held while one save commits all its kinds (rolling, then epoch, then best): the mirror lists the
+        # directory only between saves, so "mirrored up to step N" includes every file of step N.
+        self._committing = threading.Lock()
         self._done: list[SaveResult] = []
         self._jobs = 0
         self._last_file_bytes: int | None = None
@@ -292,8 +296,8 @@ class CheckpointManager:
             self._best.propose(metrics[self.options.metric], step)
         snapshot = self._stage(state) if self.options.async_save else state
         stall = time.perf_counter() - started
-        self._inflight = self._writer().submit(commit.commit, self._context(without_copy), snapshot, step, epoch, todo,
-                                               metrics, footer_meta, stall, verify, shards)
+        self._inflight = self._writer().submit(self._commit_whole, self._context(without_copy), snapshot, step, epoch,
+                                               todo, metrics, footer_meta, stall, verify, shards)
         if not self.options.async_save:
             self._wait_inflight()
             for r in self._done:
@@ -352,7 +356,7 @@ class CheckpointManager:
         self.remote = remote
 
         self.mirror = Mirror(remote, self.directory, on_sync=self._mirror_events.append, run_id=self.run_id,
-                             retention=Retention.of(self.options))
+                             retention=Retention.of(self.options), between_saves=self._committing)
         self.mirror.request()  # what the store already holds goes up first
 
     def mirror_events(self) -> list[dict[str, Any]]:
@@ -378,6 +382,10 @@ class CheckpointManager:
                       "name": self._resumed.get("name", self._parent_path.name)}
         return commit.SaveContext(self.directory, self.options, self._line, parent, self._parent_path,
                                   frozenset(self._protected), self._best, self._live.discard, without_copy)
+
+    def _commit_whole(self, *args: Any) -> list[SaveResult]:
+        with self._committing:
+            return commit.commit(*args)
 
     def _writer(self) -> ThreadPoolExecutor:
         if self._executor is None:

@@ -46,12 +46,15 @@ class Mirror:
     request made while an upload runs is coalesced: intermediate rolling files are skipped and
     the newest state goes up next. Failures are warned about once, then retried with backoff.
     `retention` is the local families' (keep_rolling, keep_emergency, keep_best, metric, mode),
-    applied to both tiers together.
+    applied to both tiers together. `between_saves`, a lock the store holds while a save commits
+    its kinds, is taken to list the directory: a sync never sees half of a save.
     """
 
     def __init__(self, remote: RemoteStore, directory: Path, on_sync: Callable[[dict[str, Any]], None] | None = None,
-                 *, run_id: str | None = None, retention: Retention | None = None) -> None:
+                 *, run_id: str | None = None, retention: Retention | None = None,
+                 between_saves: threading.Lock | None = None) -> None:
         self.remote, self.directory = remote, directory
+        self.between_saves = between_saves or threading.Lock()
         self.on_sync = on_sync or (lambda record: None)
         self.retention = retention or Retention()
         # Who writes the prefix, as the manifest names it: what a fenced-off older run reads in its error.
@@ -194,7 +197,8 @@ class Mirror:
     def _sync(self, generation: int) -> None:
         assert self._entries is not None
         started, sent, failures = time.perf_counter(), 0, []
-        local = {i.name: i for i in scan(self.directory) if i.ok}
+        with self.between_saves:
+            local = {i.name: i for i in scan(self.directory) if i.ok}
         up = {digest: ref for e in self._entries.values() for digest, ref in e.objects().items()}
         wanted = sorted(local.values(), key=lambda i: (_PRIORITY.get(i.name, 1 if i.kind != "rolling" else 4),
                                                         -(i.step or 0)))
