@@ -668,8 +668,8 @@ def test_a_zombie_and_its_requeued_successor_on_one_prefix(s3: S3, tmp_path: Pat
 
 def test_a_sync_never_lists_half_of_a_save(tmp_path: Path, monkeypatch) -> None:
     """A save of several kinds commits them one by one (rolling, then epoch). The mirror lists the directory only
-    between saves, so no manifest names latest.pt at step N while the epoch file of step N is still local: a
-    machine lost right after "mirrored up to step N" loses nothing of step N."""
+    between saves, so a sync never sees latest.pt at step N without the epoch file of step N, and the sync that
+    reports "mirrored up to step N" has uploaded both: a machine lost after it loses nothing of step N."""
     from train_improved.checkpoint import CheckpointManager, CheckpointOptions, Kind, commit
 
     reached, release = threading.Event(), threading.Event()
