@@ -118,6 +118,19 @@ def launch_alone(cwd: Path, node: int, *args: str) -> subprocess.CompletedProces
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
 
 
+def mirrored_pair(tmp_path: Path, steps: int, s3, prefix: str) -> tuple[Path, Path, list[str]]:  # noqa: ANN001
+    """A finished 2-node reference run without a mirror, an empty directory for the run under test, and
+    that run's arguments (mirrored to s3://bucket/<prefix>)."""
+    plain = ["--data", "corpus.txt", *TINY, "--max-steps", str(steps), "--num-epochs", "10"]
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    for d in (reference, victim):
+        d.mkdir()
+        (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
+    out = run_both(reference, *plain)
+    assert all(o.startswith("exit 0") for o in out), out
+    return reference, victim, [*plain, "--mirror", f"s3://bucket/{prefix}", "--mirror-options", s3.options()]
+
+
 @needs_namespaces
 def test_the_writing_node_lost_then_the_job_resumes_on_the_other_node_alone_from_the_bucket(s3, tmp_path: Path
                                                                                             ) -> None:
@@ -126,14 +139,7 @@ def test_the_writing_node_lost_then_the_job_resumes_on_the_other_node_alone_from
     from conftest import read_metrics
 
     steps = 60  # 12 steps an epoch: epoch files at 12, 24, 36, 48, 60
-    args = ["--data", "corpus.txt", *TINY, "--max-steps", str(steps), "--num-epochs", "10",
-            "--mirror", "s3://bucket/lostnode", "--mirror-options", s3.options()]
-    reference, victim = tmp_path / "reference", tmp_path / "victim"
-    for d in (reference, victim):
-        d.mkdir()
-        (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
-    out = run_both(reference, "--data", "corpus.txt", *TINY, "--max-steps", str(steps), "--num-epochs", "10")
-    assert all(o.startswith("exit 0") for o in out), out
+    reference, victim, args = mirrored_pair(tmp_path, steps, s3, "lostnode")
 
     port = free_port()
     nodes = [launch(victim, node, port, *args) for node in (0, 1)]
@@ -184,14 +190,7 @@ def test_sigterm_to_one_nodes_agent_puts_one_emergency_checkpoint_on_the_bucket(
     """What a scheduler does at preemption: SIGTERM to node 0's agent. Both nodes stop at the same step, rank 0
     writes one emergency checkpoint and waits for its upload (within --emergency-budget); with both disks gone,
     the bucket alone resumes the job on both nodes, bitwise."""
-    args = ["--data", "corpus.txt", *TINY, "--max-steps", str(STEPS), "--num-epochs", "10",
-            "--mirror", "s3://bucket/preempted", "--mirror-options", s3.options()]
-    reference, victim = tmp_path / "reference", tmp_path / "victim"
-    for d in (reference, victim):
-        d.mkdir()
-        (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
-    out = run_both(reference, "--data", "corpus.txt", *TINY, "--max-steps", str(STEPS), "--num-epochs", "10")
-    assert all(o.startswith("exit 0") for o in out), out
+    reference, victim, args = mirrored_pair(tmp_path, STEPS, s3, "preempted")
     out = run_both(victim, *args, stop_at=random.randint(6, 18))  # seeded: conftest.TEST_SEED
     assert out[0].startswith(f"exit {128 + signal.SIGTERM}") or out[0].startswith("exit 1"), out
     emergency = sorted((victim / "disk_0").glob("emergency_step_*.pt"))
