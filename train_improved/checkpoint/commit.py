@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -232,13 +232,11 @@ def top_values(directory: Path, metric: str) -> list[tuple[float | None, int, Pa
     return out
 
 
-def top_to_delete(directory: Path, options: CheckpointOptions, protected: Iterable[str] = ()) -> list[Path]:
+def top_to_delete(directory: Path, options: CheckpointOptions, protected: Collection[str] = ()) -> list[Path]:
     """The top-K files beyond the `keep_best` best by the metric (a file ranked by another metric goes first)."""
     files = top_values(directory, options.metric)
-    doomed = to_delete([(v, s) for v, s, _ in files], keep_best_n(options.keep_best, options.mode),
-                       protected=lambda _: False)
-    paths = {(v, s): p for v, s, p in files}
-    return [paths[key] for key in doomed if paths[key].name not in set(protected)]
+    policy = keep_best_n(options.keep_best, options.mode)
+    return [p for *_, p in to_delete(files, policy, protected=lambda f: f[-1].name in protected)]
 
 
 def _remove(ctx: SaveContext, kind: Kind, step: int, doomed: list[Path]) -> list[str]:

@@ -10,7 +10,7 @@ deletes a protected name (the file being resumed from) whatever a policy says.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 Policy = Callable[[Sequence[T]], list[bool]]
@@ -28,12 +28,12 @@ def keep_last(n: int) -> Policy:
 
 
 def keep_best_n(n: int, mode: str) -> Policy:
-    """Keep the `n` best of (value, step) pairs, `mode` min or max; a tie goes to the earlier step, a
-    missing value (a file ranked by another metric) ranks last."""
+    """Keep the `n` best of items that start with (value, step, ...), `mode` min or max; a tie goes to the
+    earlier step, a missing value (a file ranked by another metric) ranks last."""
 
-    def policy(items: Sequence[tuple[float | None, int]]) -> list[bool]:
+    def policy(items: Sequence[tuple[Any, ...]]) -> list[bool]:
         def rank(i: int) -> tuple[bool, float, int]:
-            value, step = items[i]
+            value, step = items[i][0], items[i][1]
             return value is None, (value or 0.0) * (1 if mode == "min" else -1), step
 
         kept = set(sorted(range(len(items)), key=rank)[:n])
