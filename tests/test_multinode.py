@@ -65,14 +65,20 @@ def run_both(cwd: Path, *args: str, stop_at: int | None = None) -> list[str]:
     return [f"exit {p.returncode}\n{e}" for p, e in zip(nodes, errs, strict=True)]
 
 
-@needs_namespaces
-def test_a_ddp_run_on_two_nodes_resumes_when_only_rank_0_holds_the_checkpoint(tmp_path: Path) -> None:
+def reference_and_victim(tmp_path: Path, *args: str) -> tuple[Path, Path]:
+    """A finished 2-node reference run of `args`, and an empty directory (with the corpus) for the run under test."""
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     for d in (reference, victim):
         d.mkdir()
         (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
-    out = run_both(reference, *ARGS)
+    out = run_both(reference, *args)
     assert all(o.startswith("exit 0") for o in out), out
+    return reference, victim
+
+
+@needs_namespaces
+def test_a_ddp_run_on_two_nodes_resumes_when_only_rank_0_holds_the_checkpoint(tmp_path: Path) -> None:
+    reference, victim = reference_and_victim(tmp_path, *ARGS)
     out = run_both(victim, *ARGS, stop_at=random.randint(6, 18))  # seeded: conftest.TEST_SEED
     assert out[0].startswith(f"exit {128 + signal.SIGTERM}") or out[0].startswith("exit 1"), out
     assert list((victim / "disk_0").glob("emergency_step_*.pt")) and not any((victim / "disk_1").iterdir())
@@ -122,12 +128,7 @@ def mirrored_pair(tmp_path: Path, steps: int, s3, prefix: str) -> tuple[Path, Pa
     """A finished 2-node reference run without a mirror, an empty directory for the run under test, and
     that run's arguments (mirrored to s3://bucket/<prefix>)."""
     plain = ["--data", "corpus.txt", *TINY, "--max-steps", str(steps), "--num-epochs", "10"]
-    reference, victim = tmp_path / "reference", tmp_path / "victim"
-    for d in (reference, victim):
-        d.mkdir()
-        (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
-    out = run_both(reference, *plain)
-    assert all(o.startswith("exit 0") for o in out), out
+    reference, victim = reference_and_victim(tmp_path, *plain)
     return reference, victim, [*plain, "--mirror", f"s3://bucket/{prefix}", "--mirror-options", s3.options()]
 
 
