@@ -240,12 +240,3 @@ class ShuffledSampler(SampleOrder):
         shard, pos = self.windows.position(int(order[self.index]), phase) if self.index < len(order) else (0, 0)
         return {"epoch": self.epoch, "index": self.index, "curr_shard": shard, "curr_pos": pos,
                 "fingerprint": self.windows.fingerprint}
-
-
-def evaluation_windows(windows: TokenWindows, count: int) -> list[int]:
-    """`count` window indices spread evenly over the whole held-out split, the same at every evaluation.
-
-    A prefix would be a few files of the split; an even spread represents all of it.
-    """
-    return [(k * windows.count) // count for k in range(count)] if count <= windows.count else \
-        [k % windows.count for k in range(count)]

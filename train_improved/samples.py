@@ -90,6 +90,13 @@ class SampleOrder:
         self.epoch, self.index = epoch, index
 
 
+def evenly_spread(total: int, count: int) -> list[int]:
+    """`count` indices spread evenly over `total` items (cycling when there are fewer): the held-out
+    samples every evaluation reads, the same whatever the number of ranks. A prefix would be a few
+    files of a split; an even spread represents all of it."""
+    return [(k * total) // count for k in range(count)] if count <= total else [k % total for k in range(count)]
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of sample `index` in epoch `epoch`: the same in every process, worker and rank."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()

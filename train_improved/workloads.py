@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from .config import DataError, TrainConfig
-from .data import ShuffledSampler, TokenWindows, evaluation_windows, load_dataset
+from .data import ShuffledSampler, TokenWindows, load_dataset
 from .model import GPT, GPTConfig, adamw_kernels, sample_text
-from .samples import KeyedSamples, SampleOrder, StepLoader, make_loader
+from .samples import KeyedSamples, SampleOrder, StepLoader, evenly_spread, make_loader
 from .task import Task, TaskError
 
 
@@ -32,7 +32,7 @@ class GPTWorkload:
             raise DataError(f"the training split holds {self.order.windows.count} windows of --block-size "
                             f"{cfg.block_size}, fewer than one step's --batch-size {cfg.batch_size}")
         self.val_windows = TokenWindows(self.dataset.val, cfg.block_size, name="validation")
-        self.eval_indices = evaluation_windows(self.val_windows, cfg.eval_steps * cfg.mini_batch_size)
+        self.eval_indices = evenly_spread(self.val_windows.count, cfg.eval_steps * cfg.mini_batch_size)
         self.eval_count = cfg.eval_steps
         self.metric_names: list[str] = []
         self.model_config = GPTConfig(vocab_size=self.dataset.vocab_size, block_size=cfg.block_size,
@@ -106,7 +106,7 @@ class TaskWorkload:
         self.loader = StepLoader(self.train_set, self.order, rank=rank, world=world, accum=accum,
                                  size=cfg.mini_batch_size, workers=cfg.num_workers, pin=pin, collate=self.collate)
         wanted = min(len(self.held_out), cfg.eval_steps * cfg.mini_batch_size)
-        self.eval_indices = [(k * len(self.held_out)) // wanted for k in range(wanted)]  # spread evenly
+        self.eval_indices = evenly_spread(len(self.held_out), wanted)
         self.eval_count = math.ceil(wanted / cfg.mini_batch_size)
 
     @property
