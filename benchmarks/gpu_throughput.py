@@ -64,7 +64,7 @@ def bare_round(options: dict, steps: int) -> list[float]:
     cfg = resolve(cli=options, environ={}, config_file=None)
     trainer = Trainer(cfg)  # only for the identical model, optimizer, data and device
     model, opt, device = trainer.model, trainer.optimizer, trainer.device
-    data = torch.from_numpy(trainer.workload.dataset.train[0].astype("int64"))
+    data = torch.from_numpy(trainer.workload.train_set.shards[0].astype("int64"))
     B, T, accum = cfg.mini_batch_size, cfg.block_size, trainer.grad_accum
     autocast = nullcontext() if cfg.dtype == "float32" else torch.autocast(
         trainer.device_type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype])

@@ -45,7 +45,7 @@ def reference(options: dict) -> dict[int, float]:
     cfg = resolve(cli=options, environ={}, config_file=None)
     trainer = Trainer(cfg)  # the same initial weights, optimizer, evaluation windows
     model, opt = trainer.model, trainer.optimizer
-    data = torch.from_numpy(np.concatenate([np.asarray(s, dtype=np.int64) for s in trainer.workload.dataset.train]))
+    data = torch.from_numpy(np.concatenate([np.asarray(s, dtype=np.int64) for s in trainer.workload.train_set.shards]))
     B, T, accum = cfg.mini_batch_size, cfg.block_size, trainer.grad_accum
     gen = torch.Generator().manual_seed(cfg.seed)
     out = {}

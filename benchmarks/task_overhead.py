@@ -45,7 +45,7 @@ def bare_loop(cfg: config.TrainConfig) -> list[float]:
     torch.manual_seed(cfg.seed)
     model, train, _ = task.build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    order = SampleOrder(len(train), cfg.batch_size, cfg.seed)
+    order = SampleOrder(train, cfg.batch_size, cfg.seed)
     batches = iter(make_loader(KeyedSamples(train, cfg.seed), _Keys(order, 0, 1, 1, cfg.batch_size),
                                workers=cfg.num_workers, pin=False, collate=None))
     times = []

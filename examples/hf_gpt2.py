@@ -33,6 +33,7 @@ class Windows(torch.utils.data.Dataset):
 
     def __init__(self, shards: list[np.ndarray], context: int) -> None:
         self.shards, self.context = shards, context
+        self.tokens_per_sample = context  # the runner then reports tokens/s
         self.first = np.cumsum([0] + [len(s) // context for s in shards])
 
     def __len__(self) -> int:

@@ -2,7 +2,7 @@
 
     python tests/elastic_worker.py RECORD_DIR --data ... --resume latest          # or under torchrun
 
-Each rank appends one JSON line per micro-batch it is handed to RECORD_DIR/rank<r>.jsonl: the
+Each rank appends one JSON line per micro-batch it asks its loader for to RECORD_DIR/rank<r>.jsonl: the
 sampler's position (epoch, index: which step), the micro-batch number and its window indices. So
 the elastic tests compare what the ranks read, not what the program prints.
 """
@@ -14,22 +14,21 @@ import os
 import sys
 from pathlib import Path
 
-from train_improved import data
+from train_improved import samples
 from train_improved.cli import main
 
 record = Path(sys.argv.pop(1))
 log = open(record / f"rank{os.environ.get('RANK', '0')}.jsonl", "a")  # noqa: SIM115 - open for the process's life
-read_micro_batch = data.ShuffledSampler.micro_batch
+read_micro_batch = samples.StepLoader.micro_batch
 
 
-def recorded(self: data.ShuffledSampler, k: int, size: int, *, pin: bool = False):  # noqa: ANN201
-    phase, order = self._epoch_order()
-    start = self.index + k * size
-    log.write(json.dumps({"epoch": self.epoch, "index": self.index, "k": k, "phase": phase,
-                          "windows": [int(i) for i in order[start:start + size]]}) + "\n")
+def recorded(self: samples.StepLoader, k: int):  # noqa: ANN201
+    order = self.order
+    log.write(json.dumps({"epoch": order.epoch, "index": order.index, "k": k, "phase": order.view(order.epoch).phase,
+                          "windows": [int(i) for i in order.micro_batch_indices(k, self.size)]}) + "\n")
     log.flush()
-    return read_micro_batch(self, k, size, pin=pin)
+    return read_micro_batch(self, k)
 
 
-data.ShuffledSampler.micro_batch = recorded
+samples.StepLoader.micro_batch = recorded
 main()

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from train_improved.checkpoint import CheckpointManager
-from train_improved.data import ShuffledSampler, TokenWindows
+from train_improved.data import TokenWindows
+from train_improved.samples import KeyedSamples, SampleOrder
 
 from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, run_train, step_losses
 
@@ -91,34 +92,45 @@ def test_same_seed_gives_bitwise_identical_losses(tmp_path: Path, run: Path) -> 
     assert step_losses(tmp_path / "runs" / "metrics.jsonl") == step_losses(run / "runs" / "metrics.jsonl")
 
 
+def micro_batch(order: SampleOrder, k: int, size: int) -> torch.Tensor:
+    """The inputs of micro-batch k as the runner's loader reads them (KeyedSamples: the epoch's phase)."""
+    keys = [(order.epoch, int(i)) for i in order.micro_batch_indices(k, size)]
+    return torch.utils.data.default_collate(KeyedSamples(order.dataset, order.seed).__getitems__(keys))
+
+
 def test_sampler_position_round_trips_and_every_epoch_reads_every_window_once() -> None:
     shards = [np.arange(1000), np.arange(1000, 1700)]  # every token distinct: a window is known by its first
     windows = TokenWindows(shards, block_size=16, name="train")
-    assert windows.count == (1000 // 16 - 1) + (700 // 16 - 1)
-    a = ShuffledSampler(windows, batch_size=4, seed=3)
-    seen = []
-    for _ in range(a.steps_per_epoch):
-        x, y = a.micro_batch(0, 4)
-        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one token
-        seen += [int(r[0]) for r in x]
-        a.advance()
-    assert a.epoch == 1 and a.index == 0
-    assert len(set(seen)) == len(seen)  # no window twice in an epoch
+    assert len(windows) == (1000 // 16 - 1) + (700 // 16 - 1)
+    a = SampleOrder(windows, batch_size=4, seed=3)
+    seen, phases = [], set()
+    for epoch in range(3):
+        for _ in range(a.steps_per_epoch):
+            x, y = micro_batch(a, 0, 4)
+            assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one token
+            assert a.state_dict()["curr_pos"] == int(x[0, 0]) - (1000 if a.state_dict()["curr_shard"] else 0)
+            seen += [int(r[0]) for r in x]
+            a.advance()
+        assert a.epoch == epoch + 1 and a.index == 0
+        assert len(set(seen)) == len(seen)  # no window twice in an epoch
+        phases |= {s % 16 for s in seen if s < 1000}
+        seen = []
+    assert len(phases) > 1  # each epoch shifts the grid
     for _ in range(7):
         a.advance()
-    b = ShuffledSampler(windows, batch_size=4, seed=3)
+    b = SampleOrder(windows, batch_size=4, seed=3)
     b.load_state_dict(a.state_dict())
     for _ in range(30):
         for k in range(2):  # two micro-batches of 2: the same windows as one batch of 4
-            assert torch.equal(a.micro_batch(k, 2)[0], b.micro_batch(k, 2)[0])
-        assert torch.equal(torch.cat([a.micro_batch(0, 2)[0], a.micro_batch(1, 2)[0]]), b.micro_batch(0, 4)[0])
+            assert torch.equal(micro_batch(a, k, 2)[0], micro_batch(b, k, 2)[0])
+        assert torch.equal(torch.cat([micro_batch(a, 0, 2)[0], micro_batch(a, 1, 2)[0]]), micro_batch(b, 0, 4)[0])
         a.advance(), b.advance()
 
 
 def test_batches_hold_windows_from_all_over_the_data() -> None:
     # The defect of sequential reading (issue 16): all rows of a batch came from one stretch of text.
-    sampler = ShuffledSampler(TokenWindows([np.arange(64 * 1000)], block_size=64, name="train"), 32, seed=1)
-    starts = sorted(int(row[0]) for row in sampler.micro_batch(0, 32)[0])
+    order = SampleOrder(TokenWindows([np.arange(64 * 1000)], block_size=64, name="train"), 32, seed=1)
+    starts = sorted(int(row[0]) for row in micro_batch(order, 0, 32)[0])
     assert starts[-1] - starts[0] > 64 * 500  # one step's 32 windows span most of the data
 
 

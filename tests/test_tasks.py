@@ -291,6 +291,8 @@ def test_a_hugging_face_model_as_it_is(tmp_path: Path) -> None:
     fresh = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=2))
     fresh.load_state_dict(state["model"])  # strict: every name and shape is the model's own
     assert state["val_loss"] < 5.0 < 5.545  # learned something: below a uniform guess over 256 bytes, ln 256
+    steps = [r for r in read_metrics(tmp_path / "runs" / "metrics.jsonl") if r["event"] == "step"]
+    assert all("tokens_per_s" in r and "samples_per_s" not in r for r in steps)  # its windows say tokens_per_sample
 
 
 def test_the_digits_example_reaches_a_real_accuracy(tmp_path: Path) -> None:
@@ -387,6 +389,27 @@ def test_a_task_file_imports_by_name_in_spawned_workers() -> None:
                                          num_workers=1, multiprocessing_context="spawn")
     images, labels = next(iter(loader))
     assert images.shape == (4, 1, 8, 8) and labels.tolist() == [int(train.labels[i]) for i in range(4)]
+
+
+def test_reading_samples_seeds_and_puts_back_the_cpu_generators_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading in the loop (0 workers) must leave every generator as it was, and never reseed CUDA's: a
+    GPU run's own CUDA state is not saved around a sample (torch.manual_seed would reseed it, ~100 µs a call)."""
+    import numpy as np
+
+    from train_improved.samples import KeyedSamples
+    from train_improved.task import load_task
+
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    task = load_task(DIGITS)
+    train, _ = task.module.datasets(task.options)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    batch = KeyedSamples(train, 3).__getitems__([(0, i) for i in range(8)])
+    one = KeyedSamples(train, 3)[(0, 5)]
+    assert torch.equal(batch[5][0], one[0])  # a sample is the same read alone or in a batch
+    assert reseeded == []
+    assert torch.equal(torch.get_rng_state(), before[0]) and (np.random.get_state()[1] == before[1]).all()
+    assert random.getstate() == before[2]
 
 
 def test_a_task_run_survives_the_loss_of_its_machine_through_the_mirror(uninterrupted: Path, tmp_path: Path) -> None:

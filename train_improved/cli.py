@@ -81,8 +81,9 @@ def train(
     task: Annotated[Str, _opt("task", "Train your own model: a task file (my_task.py) or module (pkg.task) with "
                                       "model(), datasets() and loss(); its own options follow on the command line "
                                       "(train --task FILE --help lists them). Default: the built-in GPT.")] = None,
-    num_workers: Annotated[Int, _opt("num-workers", "DataLoader worker processes reading a task's samples "
-                                                    "(0: read in the training loop).")] = None,
+    num_workers: Annotated[Int, _opt("num-workers", "DataLoader worker processes reading the samples (0: read in "
+                                                    "the training loop). Default: 2 with --task, 0 for the "
+                                                    "built-in GPT.")] = None,
     data: Annotated[Str, _opt("data", "Text file, directory of .txt, or directory of .npy/.bin token shards. "
                                       "Default: a corpus built from the Python standard library's sources.")] = None,
     vocab_size: Annotated[Int, _opt("vocab-size", "Vocabulary size (default: 256 for text, from the shards otherwise).")] = None,

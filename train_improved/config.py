@@ -30,7 +30,9 @@ class TrainConfig:
     # your model and data (task.py): None trains the built-in GPT below
     task: str | None = None  # a task file (my_task.py) or module (pkg.my_task)
     task_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the task's own options
-    num_workers: int = 2  # DataLoader worker processes reading a task's samples; 0 reads in the loop
+    # DataLoader worker processes reading the samples; 0 reads in the loop; None: 2 for a --task, 0 for the
+    # built-in GPT (a window is a slice of a memory-mapped shard: workers would only add copies)
+    num_workers: int | None = None
     # data
     data: str | None = None  # None: the built-in corpus made from the Python standard library's sources
     vocab_size: int | None = None  # None: 256 for bytes, else taken from the token shards
@@ -212,7 +214,7 @@ def _parse_optional_float(value: Any) -> float | None:
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "data": _parse_optional_str, "metrics_file": _parse_optional_str, "mirror": _parse_optional_str,
     "mirror_options": _parse_optional_str, "task": _parse_optional_str, "task_options": _parse_task_options,
-    "vocab_size": _parse_optional_int, "max_steps": _parse_optional_int,
+    "vocab_size": _parse_optional_int, "max_steps": _parse_optional_int, "num_workers": _parse_optional_int,
     "checkpoint_freq": _parse_freq, "min_free_space": parse_size, "mtbf": parse_duration,
     "emergency_budget": parse_duration, "log_interval": parse_duration, "min_lr": _parse_optional_float,
 }
@@ -300,7 +302,7 @@ def validate(cfg: TrainConfig) -> None:
     """Collect every problem and raise once, each saying how to fix it."""
     p = []
     for name in ("num_workers", "keep_best"):
-        if getattr(cfg, name) < 0:
+        if (getattr(cfg, name) or 0) < 0:
             p.append(f"--{name.replace('_', '-')} cannot be negative (got {getattr(cfg, name)})")
     positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "mini_batch_size", "num_epochs",
                 "eval_interval", "eval_steps", "keep_checkpoints", "keep_emergency_checkpoints"]

@@ -1,4 +1,4 @@
-"""Token data: the built-in corpus, user text, pre-tokenized shards, and a resumable loader.
+"""Token data: the built-in corpus, user text, pre-tokenized shards, and their windows as a dataset.
 
 `--data` may be
   * nothing: the built-in corpus, made at first use from this Python's standard library sources
@@ -8,14 +8,16 @@
   * a UTF-8 text file, or a directory of .txt files (sorted), byte-level; the last 10% is held out;
   * a directory of token shards, *.npy or nanoGPT-style *.bin (raw uint16), split into train and
     val by file name.
-Training reads windows of `block_size + 1` tokens in a shuffled order per epoch (`ShuffledSampler`, a
-`samples.SampleOrder`): independent windows in every batch, as nanoGPT samples them, with a position
-(epoch, index) that checkpoints store, so a resume continues with exactly the next batch on any
-number of ranks.
+Training reads windows of `block_size + 1` tokens (`TokenWindows`, a map-style dataset) in a
+shuffled order per epoch (`samples.SampleOrder`): independent windows in every batch, as nanoGPT
+samples them, with a position (epoch, index) that checkpoints store, so a resume continues with
+exactly the next batch on any number of ranks. Each epoch shifts the window grid by a phase drawn
+from the epoch's generator (`TokenWindows.at_epoch`), so the cut points differ from epoch to epoch.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import shutil
@@ -25,13 +27,11 @@ import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from .config import DataError
-from .samples import SampleOrder
 
 CORPUS_VERSION = 2  # bump when the built-in corpus's construction changes
 SHARD_TOKENS = 8 * 1024 * 1024  # built-in corpus shard size (tokens = bytes)
@@ -162,13 +162,15 @@ def build_stdlib_corpus(cache_dir: Path) -> Path:
 class TokenWindows:
     """The windows of one split: `block_size + 1` consecutive tokens inside one shard, on a grid.
 
-    Window starts lie on a grid of `block_size` tokens shifted by a `phase` in [0, block_size); a
-    window never crosses a shard's end. Every phase gives each shard the same number of windows
+    A map-style dataset: window i is (inputs, targets), each `block_size` int64 tokens. Window starts
+    lie on a grid of `block_size` tokens shifted by a `phase` in [0, block_size); a window never
+    crosses a shard's end. Every phase gives each shard the same number of windows
     (`len // block_size - 1`), so an epoch's length does not depend on its phase.
     """
 
-    def __init__(self, shards: list[np.ndarray], block_size: int, *, name: str) -> None:
-        self.shards, self.block_size = shards, block_size
+    def __init__(self, shards: list[np.ndarray], block_size: int, *, name: str, description: str = "") -> None:
+        self.shards, self.block_size, self.description = shards, block_size, description
+        self.phase = 0
         counts = [max(0, len(s) // block_size - 1) for s in shards]
         self.count = sum(counts)
         if self.count == 0:
@@ -176,24 +178,32 @@ class TokenWindows:
                             f"{2 * block_size} in one shard (lower --block-size, or give more data)")
         self._first = np.cumsum([0, *counts])  # global index of each shard's first window
 
-    def position(self, index: int, phase: int = 0) -> tuple[int, int]:
-        """(shard, token offset) of window `index`."""
-        shard = int(np.searchsorted(self._first, index, side="right")) - 1
-        return shard, phase + (index - int(self._first[shard])) * self.block_size
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.block_size
 
-    def gather(self, indices: np.ndarray | list[int], phase: int = 0, *, pin: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets (B x block_size, int64) for the windows `indices`."""
-        T = self.block_size
-        rows = []
-        for index in indices:
-            shard, pos = self.position(int(index), phase)
-            rows.append(np.asarray(self.shards[shard][pos:pos + T + 1], dtype=np.int64))
-        buf = torch.from_numpy(np.stack(rows))
-        x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
-        if pin:  # so that the copies to the GPU are really asynchronous
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shard, pos = self._locate(int(index))
+        row = torch.from_numpy(np.asarray(self.shards[shard][pos:pos + self.block_size + 1], dtype=np.int64))
+        return row[:-1], row[1:]  # targets are the inputs shifted by one token
+
+    def at_epoch(self, epoch: int, rng: np.random.Generator) -> TokenWindows:
+        """These windows as epoch `epoch` reads them: the grid shifted by a phase from the epoch's generator."""
+        view = copy.copy(self)
+        view.phase = int(rng.integers(self.block_size))
+        return view
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        shard = int(np.searchsorted(self._first, index, side="right")) - 1
+        return shard, self.phase + (index - int(self._first[shard])) * self.block_size
+
+    def position(self, index: int) -> dict[str, int]:
+        """Where window `index` starts: shard and token offset (the loader position checkpoints record)."""
+        shard, pos = self._locate(index)
+        return {"curr_shard": shard, "curr_pos": pos}
 
     @cached_property
     def fingerprint(self) -> str:
@@ -205,38 +215,3 @@ class TokenWindows:
         for s in self.shards:
             h.update(np.ascontiguousarray(s[:4096]).tobytes())
         return h.hexdigest()[:16]
-
-
-class ShuffledSampler(SampleOrder):
-    """Which training windows each optimizer step reads: a `SampleOrder` over the windows of the split.
-
-    Every epoch visits all windows once, in an order drawn from (seed, epoch), with the window grid
-    shifted by a phase drawn from the same pair (so the cut points differ from epoch to epoch).
-    """
-
-    def __init__(self, windows: TokenWindows, batch_size: int, seed: int) -> None:
-        super().__init__(windows.count, batch_size, seed)
-        self.windows = windows
-        self._phases: dict[int, int] = {}
-
-    def _draw(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        self._phases = {e: p for e, p in self._phases.items() if e == epoch - 1}
-        self._phases[epoch] = int(rng.integers(self.windows.block_size))
-        return rng.permutation(self.windows.count)
-
-    def _epoch_order(self) -> tuple[int, np.ndarray]:
-        order = self.permutation(self.epoch)
-        return self._phases[self.epoch], order
-
-    def micro_batch(self, k: int, size: int, *, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Micro-batch `k` (of `size` windows) of the next step."""
-        phase, order = self._epoch_order()
-        start = self.index + k * size
-        return self.windows.gather(order[start:start + size], phase, pin=pin)
-
-    def state_dict(self) -> dict[str, Any]:
-        phase, order = self._epoch_order()
-        shard, pos = self.windows.position(int(order[self.index]), phase) if self.index < len(order) else (0, 0)
-        return {"epoch": self.epoch, "index": self.index, "curr_shard": shard, "curr_pos": pos,
-                "fingerprint": self.windows.fingerprint}

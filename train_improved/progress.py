@@ -33,8 +33,8 @@ def configure_logging(verbose: bool = False) -> None:
 class RichProgress:
     """Step, loss, lr, tokens/s and ETA: a bar on a terminal, a timestamped line per interval otherwise."""
 
-    def __init__(self, console: Console = err_console, log_interval: float = 60.0, unit: str = "tok/s") -> None:
-        self.console, self.unit = console, unit
+    def __init__(self, console: Console = err_console, log_interval: float = 60.0) -> None:
+        self.console, self.unit = console, ""
         self.log_interval = log_interval
         self._bar: Progress | None = None
         self._task = None
@@ -42,8 +42,9 @@ class RichProgress:
         self._started = (0.0, 0)  # (time, step) when the run started, for the ETA
         self._next_line = 0.0
 
-    def start(self, total: int, completed: int) -> None:
-        self._total = total
+    def start(self, total: int, completed: int, unit: str) -> None:
+        """`unit` of the rate: tok/s, samples/s."""
+        self._total, self.unit = total, unit
         self._started = (time.monotonic(), completed)
         self._next_line = time.monotonic() + self.log_interval
         if self.console.is_terminal:

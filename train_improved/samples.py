@@ -11,8 +11,11 @@ computes the micro-batches k ≡ r (mod world size). The position is (epoch, ind
 data in every checkpoint, so a resume reads exactly the next samples on any number of ranks.
 
 Random augmentation stays bitwise the same after a resume, and independent of the number of
-DataLoader workers and ranks: every `dataset[i]` of epoch e runs with torch's, NumPy's and
-Python's global generators seeded from (seed, e, i), the way ecosystem transforms draw.
+DataLoader workers and ranks: every `dataset[i]` of epoch e runs with torch's (CPU), NumPy's and
+Python's global generators seeded from (seed, e, i), the way ecosystem transforms draw. Choices
+shared by a whole epoch (the built-in GPT shifts its window grid) come from the epoch's own
+generator: a training set may define `at_epoch(epoch, rng)`, returning itself as that epoch reads
+it, and the permutation is drawn from the same generator after it.
 """
 
 from __future__ import annotations
@@ -31,23 +34,41 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from .config import DataError
 
 
+def epoch_generator(seed: int, epoch: int) -> np.random.Generator:
+    """The generator of epoch `epoch`: its shared choices (`at_epoch`), then its permutation."""
+    return np.random.default_rng([seed, epoch])
+
+
+def at_epoch(dataset: Any, epoch: int, rng: np.random.Generator) -> Any:
+    """The training set as epoch `epoch` reads it: its `at_epoch(epoch, rng)` if it defines one."""
+    hook = getattr(dataset, "at_epoch", None)
+    return hook(epoch, rng) if callable(hook) else dataset
+
+
 class SampleOrder:
     """The data position of a run: (epoch, index of the next step's first sample in the epoch's order)."""
 
-    def __init__(self, count: int, batch_size: int, seed: int) -> None:
-        self.count, self.batch_size, self.seed = count, batch_size, seed
-        self.steps_per_epoch = count // batch_size
+    def __init__(self, dataset: Any, batch_size: int, seed: int) -> None:
+        self.dataset, self.count, self.batch_size, self.seed = dataset, len(dataset), batch_size, seed
+        self.steps_per_epoch = self.count // batch_size
         self.epoch, self.index = 0, 0
-        self._orders: dict[int, np.ndarray] = {}  # the permutations of the two newest epochs asked for
+        # The two newest epochs asked for: (the training set as the epoch reads it, its permutation).
+        self._epochs: dict[int, tuple[Any, np.ndarray]] = {}
 
     def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
-            self._orders[epoch] = self._draw(epoch)
-        return self._orders[epoch]
+        return self._drawn(epoch)[1]
 
-    def _draw(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.count)
+    def view(self, epoch: int) -> Any:
+        """The training set as epoch `epoch` reads it (see `at_epoch`)."""
+        return self._drawn(epoch)[0]
+
+    def _drawn(self, epoch: int) -> tuple[Any, np.ndarray]:
+        if epoch not in self._epochs:
+            self._epochs = {e: o for e, o in self._epochs.items() if e == epoch - 1}
+            rng = epoch_generator(self.seed, epoch)
+            view = at_epoch(self.dataset, epoch, rng)  # drawn first: the permutation comes after it
+            self._epochs[epoch] = view, rng.permutation(self.count)
+        return self._epochs[epoch]
 
     def micro_batch_indices(self, k: int, size: int) -> np.ndarray:
         """The sample indices of micro-batch `k` (of `size` samples) of the next step."""
@@ -81,7 +102,10 @@ class SampleOrder:
         return max(0, (num_epochs - self.epoch) * self.steps_per_epoch - self.index // self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index}
+        """The position, and where its next sample lies if the training set says (`position(i)`, for readers)."""
+        where = getattr(self.view(self.epoch), "position", None)
+        located = where(int(self.permutation(self.epoch)[self.index])) if callable(where) and self.count else {}
+        return {**located, "epoch": self.epoch, "index": self.index}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         epoch, index = int(state["epoch"]), int(state["index"])
@@ -103,31 +127,65 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-@contextmanager
-def seeded_globals(seed: int) -> Iterator[None]:
-    """Run a block with torch's, NumPy's and Python's global generators seeded, then put them back."""
-    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    torch.manual_seed(seed)
+def _seed_globals(seed: int) -> None:
+    # torch's CPU generator only: torch.manual_seed would also reseed (or queue a reseed of) every CUDA
+    # generator, at ~100 µs a call, and the CUDA state is not put back below.
+    torch.random.default_generator.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+@contextmanager
+def _globals_put_back() -> Iterator[None]:
+    saved = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
     try:
         yield
     finally:
-        torch.set_rng_state(saved[0])
+        torch.random.set_rng_state(saved[0])
         np.random.set_state(saved[1])
         random.setstate(saved[2])
 
 
-class KeyedSamples(Dataset):
-    """`dataset[i]` of epoch e, read by key (e, i) with the generators seeded from (seed, e, i)."""
+@contextmanager
+def seeded_globals(seed: int) -> Iterator[None]:
+    """Run a block with torch's (CPU), NumPy's and Python's global generators seeded, then put them back."""
+    with _globals_put_back():
+        _seed_globals(seed)
+        yield
 
-    def __init__(self, dataset: Any, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
+
+class KeyedSamples(Dataset):
+    """`dataset[i]` of epoch e, read by key (e, i) with the generators seeded from (seed, e, i).
+
+    With `by_epoch`, sample i of epoch e comes from the set as that epoch reads it (`at_epoch`);
+    held-out sets are read as they are.
+    """
+
+    def __init__(self, dataset: Any, seed: int, *, by_epoch: bool = True) -> None:
+        self.dataset, self.seed, self.by_epoch = dataset, seed, by_epoch
+        self._views: dict[int, Any] = {}  # the two newest epochs read
+
+    def _set(self, epoch: int) -> Any:
+        if not self.by_epoch:
+            return self.dataset
+        if epoch not in self._views:  # each worker draws the same view from the epoch's generator
+            self._views = {e: v for e, v in self._views.items() if e == epoch - 1}
+            self._views[epoch] = at_epoch(self.dataset, epoch, epoch_generator(self.seed, epoch))
+        return self._views[epoch]
+
+    def _read(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        _seed_globals(sample_seed(self.seed, epoch, index))
+        return self._set(epoch)[index]
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
-        with seeded_globals(sample_seed(self.seed, epoch, index)):
-            return self.dataset[index]
+        with _globals_put_back():
+            return self._read(key)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        """A batch (what a DataLoader fetches): the generators are saved and put back once, not per sample."""
+        with _globals_put_back():
+            return [self._read(key) for key in keys]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -154,9 +212,11 @@ class _Keys:
 
 def make_loader(dataset: Dataset, batch_sampler: Any, *, workers: int, pin: bool,
                 collate: Callable[[list[Any]], Any] | None) -> DataLoader:
+    # A generator of its own: a new iterator draws its workers' base seed from it, not from the
+    # global generator the training loop's state holds (samples are seeded by key anyway).
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
                       collate_fn=collate or default_collate, worker_init_fn=_ignore_stop_signals if workers else None,
-                      prefetch_factor=4 if workers else None)
+                      prefetch_factor=4 if workers else None, generator=torch.Generator())
 
 
 class StepLoader:

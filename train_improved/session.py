@@ -94,8 +94,7 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
             print_changes(old, now, title="Changes from the checkpoint's options",
                           console=Console(stderr=True, quiet=not d.is_main))
         # Data and model are built, and so checked, before a fresh run writes anything.
-        progress = RichProgress(log_interval=cfg.log_interval, unit="samples/s" if task else "tok/s") \
-            if d.is_main else NoProgress()
+        progress = RichProgress(log_interval=cfg.log_interval) if d.is_main else NoProgress()
         trainer = Trainer(cfg, progress=progress, task=task)
         if task is not None:
             config.check_best_metric(cfg, trainer.workload.metric_names)

@@ -16,6 +16,14 @@ class, nothing to register:
     def collate(samples) -> batch                       # optional: default torch's default_collate
     def param_groups(model, weight_decay) -> list[dict] # optional: AdamW's groups (default: decay matrices)
     def fsdp_units(model) -> list[torch.nn.Module]      # optional: --fsdp shards each on its own (its blocks)
+    def sample(model, length, seed) -> str | None       # optional: shown at the end, from the best model
+    def describe(model, options) -> str                 # optional: the banner's model line
+
+A dataset may also carry (all optional): `at_epoch(epoch, rng)` on the training set, returning
+it as that epoch reads it (choices shared by the epoch, drawn from its generator), `position(i)`
+(a dict recorded with the data position), `fingerprint` (a string: other data under a resumed
+run starts a new epoch), `tokens_per_sample` (throughput in tokens/s) and `description` (the
+banner's data line). The built-in GPT is a task written this way: gpt_task.py.
 
 The runner reads the training set in a shuffled, resumable order, with DataLoader workers, and
 runs every `train[i]` with the global generators seeded from (seed, epoch, i) (see samples.py).
@@ -36,7 +44,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .config import ConfigError, parse_bool
+from .config import ConfigError, DataError, parse_bool
 
 REQUIRED = ("model", "datasets", "loss")
 
@@ -51,6 +59,12 @@ class Task:
     module: ModuleType
     source: Path
     options: Any  # an instance of the task's Options (or an empty namespace)
+    builtin: bool = False  # the built-in GPT (gpt_task.py): its options are train's own flags
+
+    @property
+    def label(self) -> str:
+        """How messages name the task."""
+        return "the built-in GPT" if self.builtin else f"--task {self.spec}"
 
     @property
     def name(self) -> str:
@@ -68,8 +82,10 @@ class Task:
         """One of the task's functions at setup: its exceptions become one line naming where they came from."""
         try:
             return getattr(self.module, function)(*args)
+        except (ConfigError, DataError):
+            raise  # already one line for the user (the built-in GPT's --data, say)
         except Exception as e:  # noqa: BLE001 - reported as the task's, in one line, before anything is written
-            raise TaskError(f"--task {self.spec}: {function}() raised {_where(e)}") from None
+            raise TaskError(f"{self.label}: {function}() raised {_where(e)}") from None
 
     def build(self) -> tuple[Any, Any, Any]:
         """(model, training set, held-out set), each checked to be what the runner needs."""
@@ -77,22 +93,22 @@ class Task:
 
         model = self.call("model", self.options)
         if not isinstance(model, torch.nn.Module):
-            raise TaskError(f"--task {self.spec}: model() returned {type(model).__name__}, not a torch.nn.Module")
+            raise TaskError(f"{self.label}: model() returned {type(model).__name__}, not a torch.nn.Module")
         from .checkpoint.validation import check_plain_data
 
         try:
             check_plain_data(model.state_dict())
         except TypeError as e:
-            raise TaskError(f"--task {self.spec}: the model's state_dict cannot be checkpointed safely: {e}") from None
+            raise TaskError(f"{self.label}: the model's state_dict cannot be checkpointed safely: {e}") from None
         sets = self.call("datasets", self.options)
         if not isinstance(sets, (tuple, list)) or len(sets) != 2:
-            raise TaskError(f"--task {self.spec}: datasets() must return (training set, held-out set)")
+            raise TaskError(f"{self.label}: datasets() must return (training set, held-out set)")
         for what, dataset in zip(("training", "held-out"), sets, strict=True):
             if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-                raise TaskError(f"--task {self.spec}: the {what} set is a {type(dataset).__name__}, not a map-style "
+                raise TaskError(f"{self.label}: the {what} set is a {type(dataset).__name__}, not a map-style "
                                 "dataset (len() and [i])")
             if len(dataset) == 0:
-                raise TaskError(f"--task {self.spec}: the {what} set is empty")
+                raise TaskError(f"{self.label}: the {what} set is empty")
         return model, sets[0], sets[1]
 
     def try_once(self, model: Any, train: Any, held_out: Any, device: str, seed: int) -> list[str]:
@@ -106,12 +122,12 @@ class Task:
             try:
                 samples = [dataset[i] for i in range(min(2, len(dataset)))]
             except Exception as e:  # noqa: BLE001 - the task's own code, reported in one line
-                raise TaskError(f"--task {self.spec}: reading a sample raised {_where(e)}") from None
+                raise TaskError(f"{self.label}: reading a sample raised {_where(e)}") from None
             collate = self.module.collate if self.has("collate") else torch.utils.data.default_collate
             try:
                 return to_device(collate(samples), device)
             except Exception as e:  # noqa: BLE001
-                raise TaskError(f"--task {self.spec}: collating two samples raised {_where(e)}") from None
+                raise TaskError(f"{self.label}: collating two samples raised {_where(e)}") from None
 
         was_training = model.training
         model.eval()  # no dropout drawn, no batch-norm statistics moved
@@ -121,9 +137,9 @@ class Task:
                 if not isinstance(value, torch.Tensor) or value.ndim != 0 or not value.is_floating_point():
                     shape = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) \
                         else type(value).__name__
-                    raise TaskError(f"--task {self.spec}: loss() must return a scalar tensor, got {shape}")
+                    raise TaskError(f"{self.label}: loss() must return a scalar tensor, got {shape}")
                 if not value.requires_grad:
-                    raise TaskError(f"--task {self.spec}: loss() returned a tensor without a gradient "
+                    raise TaskError(f"{self.label}: loss() returned a tensor without a gradient "
                                     "(computed under no_grad, or not from the model's parameters)")
                 if not self.has("metrics"):
                     return []
@@ -132,15 +148,15 @@ class Task:
         finally:
             model.train(was_training)
         if not isinstance(found, dict):
-            raise TaskError(f"--task {self.spec}: metrics() must return a dict of numbers, got {type(found).__name__}")
+            raise TaskError(f"{self.label}: metrics() must return a dict of numbers, got {type(found).__name__}")
         for name, v in found.items():
             number = isinstance(v, (int, float)) and not isinstance(v, bool) or \
                 isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex
             if not isinstance(name, str) or not name.isidentifier() or not number:
-                raise TaskError(f"--task {self.spec}: metrics() returned {name!r}: {type(v).__name__}; each metric "
+                raise TaskError(f"{self.label}: metrics() returned {name!r}: {type(v).__name__}; each metric "
                                 "must be a number (a float or a one-element tensor) under a name like 'accuracy'")
             if name in ("loss", "val_loss", "train_loss"):
-                raise TaskError(f"--task {self.spec}: metrics() may not return {name!r}: the runner measures the loss")
+                raise TaskError(f"{self.label}: metrics() may not return {name!r}: the runner measures the loss")
         return sorted(found)
 
 

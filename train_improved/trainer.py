@@ -1,4 +1,4 @@
-"""The training loop: a workload (the built-in GPT, or your task) + AdamW + warmup/cosine, with the
+"""The training loop: a task (the built-in GPT, or yours) + AdamW + warmup/cosine, with the
 checkpoint store as its first client.
 
     train                                   # the demo: default model, built-in corpus, a few minutes on CPU
@@ -33,19 +33,19 @@ from .save_points import SavePoints
 from .signals import GracefulStop
 from .state import as_plain_rng_state, restore_rng_state, snapshot_rng
 from .task import Task, to_device
-from .workloads import GPTWorkload, TaskWorkload
+from .workloads import TaskWorkload
 
 logger = logging.getLogger("train_improved")
 
 
 class Progress(Protocol):
-    def start(self, total: int, completed: int) -> None: ...
+    def start(self, total: int, completed: int, unit: str) -> None: ...
     def update(self, step: int, **fields: float) -> None: ...
     def stop(self) -> None: ...
 
 
 class NoProgress:
-    def start(self, total: int, completed: int) -> None: ...
+    def start(self, total: int, completed: int, unit: str) -> None: ...
     def update(self, step: int, **fields: float) -> None: ...
     def stop(self) -> None: ...
 
@@ -83,7 +83,7 @@ def micro_batch_seed(seed: int, step: int, k: int) -> int:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, progress: Progress | None = None, task: Task | None = None) -> None:
-        """Build data, model and optimizer (the built-in GPT, or `task`); nothing is written until `run()`."""
+        """Build data, model and optimizer of `task` (None: the built-in GPT); nothing is written until `run()`."""
         self.cfg = cfg
         self.progress = progress or NoProgress()
         self.dist = distributed.from_environment()
@@ -100,9 +100,12 @@ class Trainer:
         self.autocast = (nullcontext() if cfg.dtype == "float32"
                          else torch.autocast(device_type=device_type, dtype=ptdtype))
 
-        where = dict(device=self.device, pin=self.pin, rank=self.dist.rank, world=self.dist.world_size)
-        self.workload = GPTWorkload(cfg, **where) if task is None else \
-            TaskWorkload(task, cfg, accum=self.grad_accum, **where)
+        if task is None:
+            from .gpt_task import builtin  # the default task, nothing the loop depends on
+
+            task = builtin(cfg)
+        self.workload = TaskWorkload(task, cfg, accum=self.grad_accum, device=self.device, pin=self.pin,
+                                     rank=self.dist.rank, world=self.dist.world_size)
         self.order = self.workload.order  # the data position: which samples the next step reads
         self.step = 0  # optimizer steps completed
         self.epoch = 0  # the epoch of the last completed step
@@ -111,7 +114,7 @@ class Trainer:
         # A task's source digest and the metrics it reports: a resume compares the one and checks --metric
         # against the other before it restores anything.
         self.stored_args = {**cfg.stored_args(), **({"task_digest": task.digest, "task_metrics": self.workload.metric_names}
-                                                    if task is not None else {})}
+                                                    if not task.builtin else {})}
         if cfg.fsdp and not self.dist.enabled:
             raise ConfigError("--fsdp shards the model across processes: run it under torchrun "
                               "(torchrun --nproc_per_node N -m train_improved --fsdp ...)")
@@ -323,10 +326,10 @@ class Trainer:
         if manager is not None and cfg.warmup_steps >= self.total_steps > self.step:
             logger.warning("--warmup-steps %d is not shorter than the run (%d steps): the learning rate never "
                            "reaches --lr %g", cfg.warmup_steps, self.total_steps, cfg.lr)
-        self.progress.start(self.total_steps, self.step)
+        rate_key, per_step = self.workload.throughput  # tokens or samples per step
+        self.progress.start(self.total_steps, self.step, unit="tok/s" if rate_key == "tokens_per_s" else "samples/s")
         saves = self.saves
         saves.announce()
-        rate_key, per_step = self.workload.throughput  # tokens (GPT) or samples (a task) per step
         try:
             if self.eval_due(self.step) and self.last_eval_step < self.step:
                 saves.evaluate_and_save(stop)  # an evaluation a stop cut short is redone first
@@ -378,8 +381,8 @@ class Trainer:
     # ------------------------------------------------------------------ the end of the demo
 
     def sample(self, length: int) -> str | None:
-        """A short sample from the best model of this line of training (the built-in GPT on bytes only)."""
-        if length <= 0 or self.manager is None or self.cfg.fsdp or not isinstance(self.workload, GPTWorkload):
+        """A short sample from the best model of this line of training, if the task makes one (`sample`)."""
+        if length <= 0 or self.manager is None or self.cfg.fsdp or not self.workload.task.has("sample"):
             return None  # under --fsdp rank 0 holds only a shard of the model
         best = self.manager.best()
         if best is not None and best.ok and self.manager.on_current_line(best):
