@@ -92,9 +92,17 @@ def test_a_ddp_run_on_two_nodes_resumes_when_only_rank_0_holds_the_checkpoint(tm
 
 
 @needs_namespaces
-def test_a_sharded_checkpoint_that_only_one_node_holds_is_refused_in_one_line(tmp_path: Path) -> None:
+def test_fsdp_on_nodes_without_a_shared_directory_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """Every rank writes its shards into --checkpoint-dir: on node-local disks rank 0 would commit
+    checkpoints without the other nodes' shards. Refused in one line, a fresh run and a resume alike."""
     (tmp_path / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
-    (tmp_path / "disk_0").mkdir()
+    out = run_both(tmp_path, "--fsdp", *ARGS, "--max-steps", "4")
+    assert not any(o.startswith("exit 0") for o in out), out
+    assert "--fsdp: rank(s) 1 do not see rank 0's --checkpoint-dir" in out[0], out[0][-2000:]
+    assert "use a --checkpoint-dir all nodes share" in out[0]
+    assert not any((tmp_path / "disk_0").iterdir()) and not any((tmp_path / "disk_1").iterdir())
+    assert not (tmp_path / "runs").exists()
+
     made = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "train_improved", "--fsdp", *ARGS, "--max-steps", "4", "--checkpoint-dir",
                            str(tmp_path / "disk_0")], cwd=tmp_path, capture_output=True, text=True,
@@ -102,8 +110,8 @@ def test_a_sharded_checkpoint_that_only_one_node_holds_is_refused_in_one_line(tm
     assert made.returncode == 0, made.stderr[-2000:]  # a shared disk then; node 1's disk is empty now
     out = run_both(tmp_path, "--fsdp", *ARGS, "--max-steps", "8", "--resume", "latest")
     assert not any(o.startswith("exit 0") for o in out), out
-    assert "is a sharded checkpoint and rank(s) 1 do not hold its files" in out[0], out[0][-2000:]
-    assert "use a --checkpoint-dir every node shares" in out[0]
+    assert "--fsdp: rank(s) 1 do not see rank 0's --checkpoint-dir" in out[0], out[0][-2000:]
+    assert sorted(p.name for p in (tmp_path / "disk_0").iterdir() if p.name.startswith(".tmp")) == []
     assert "train_improved/" not in out[0] and "train_improved/" not in out[1]  # no traceback of ours (torchrun
     # prints its own ChildFailedError for a worker that exits 1)
 

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .checkpoint.fileformat import load_checkpoint
 from .checkpoint.layout import is_explicit_path
 from .checkpoint.records import describe
 from .checkpoint.remote import RemoteStore, mask
+from .checkpoint.storage import temp_path_for
 from .config import ConfigError, DataError, TrainConfig
 from .overrides import MODEL_SHAPE
 from .progress import err_console
@@ -78,6 +80,8 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
     from .signals import GracefulStop
     from .trainer import NoProgress, Trainer
 
+    if pre.fsdp and d.enabled:
+        _require_shared_directory(d, Path(pre.checkpoint_dir))
     manager, state, info = _choose_checkpoint(d, pre, resume)
     code = 1
     try:
@@ -160,6 +164,40 @@ def _resolve_with_task(given: dict[str, Any], config_file: str | None, stored: d
     cfg = config.resolve(cli=given, environ=os.environ, config_file=config_file, stored=stored,
                          task_defaults=defaults).with_absolute_paths()
     return dataclasses.replace(cfg, task_options=options_as_dict(task)), task
+
+
+def _require_shared_directory(d: distributed.Dist, directory: Path) -> None:
+    """--fsdp: every rank writes its shards into the checkpoint directory, and rank 0 commits them, so all
+    ranks must see one directory. Checked before anything is written: a file rank 0 creates there must
+    be visible to every rank (nodes with disks of their own at the same path do not see it)."""
+    probe, created = None, not directory.exists()
+    if d.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = temp_path_for(directory / "shared-directory-probe")  # swept by the store if left behind
+        probe.touch()
+    try:
+        name = distributed.gather(d, probe.name if probe is not None else None)[0]
+        blind = [rank for rank, seen in enumerate(distributed.gather(d, _appears(directory / name))) if not seen]
+    finally:
+        if probe is not None:
+            probe.unlink(missing_ok=True)
+    if blind:
+        if d.is_main and created:
+            directory.rmdir()  # refused: nothing is left behind
+        raise ConfigError(f"--fsdp: rank(s) {', '.join(map(str, blind))} do not see rank 0's --checkpoint-dir "
+                          f"{directory} (nodes with disks of their own): every rank writes its shards there, so "
+                          "use a --checkpoint-dir all nodes share (NFS, Lustre); uploading each node's shards to "
+                          "a --mirror is not built yet")
+
+
+def _appears(path: Path, within: float = 2.0) -> bool:
+    """Whether `path` exists now or within `within` seconds (a network filesystem may show a new name late)."""
+    deadline = time.monotonic() + within
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _choose_checkpoint(d: distributed.Dist, pre: TrainConfig, resume: str | None
