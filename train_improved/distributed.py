@@ -16,7 +16,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.distributed as dist
@@ -116,18 +116,19 @@ def gather(d: Dist, obj: Any) -> list[Any]:
 _BROADCAST_CHUNK = 64 << 20
 
 
-def broadcast_file(d: Dist, path: Path | None, receivers: list[int]) -> bytes | None:
+def broadcast_file(d: Dist, path: Path | None, receivers: list[int], into: BinaryIO | None = None) -> bytes | None:
     """Rank 0's file `path`, sent over the process group to `receivers`; their copy of its bytes, None elsewhere.
 
     For a checkpoint some ranks cannot read from their own disk (nodes without a shared one). In
-    chunks, so no rank holds more than one chunk on the wire side at a time besides what it keeps.
+    chunks; a receiver given `into` writes each chunk there as it arrives (and gets None), so it never
+    holds more than one chunk of a large shard file.
     """
     device = torch.device("cuda", d.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
     size = torch.tensor([path.stat().st_size if d.is_main and path is not None else 0], dtype=torch.int64,
                         device=device)
     dist.broadcast(size, src=0)
     total = int(size.item())
-    out = bytearray() if d.rank in receivers else None
+    out = bytearray() if d.rank in receivers and into is None else None
     with open(path, "rb") if d.is_main and path is not None else nullcontext() as f:
         for start in range(0, total, _BROADCAST_CHUNK):
             n = min(_BROADCAST_CHUNK, total - start)
@@ -136,4 +137,6 @@ def broadcast_file(d: Dist, path: Path | None, receivers: list[int]) -> bytes | 
             dist.broadcast(chunk, src=0)
             if out is not None:
                 out += chunk.cpu().numpy().tobytes()
+            elif into is not None and d.rank in receivers:
+                into.write(chunk.cpu().numpy().tobytes())
     return bytes(out) if out is not None else None

@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +82,11 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
     from .signals import GracefulStop
     from .trainer import NoProgress, Trainer
 
-    if pre.fsdp and d.enabled:
-        _require_shared_directory(d, Path(pre.checkpoint_dir))
+    # --fsdp on nodes without a shared directory: rank 0 collects every rank's shards as they are written.
+    collect = pre.fsdp and d.enabled and not _directory_is_shared(d, Path(pre.checkpoint_dir))
+    if collect and d.is_main:
+        err_console.print(f"--fsdp: not every node sees {pre.checkpoint_dir} (disks of their own): rank 0 collects "
+                          "the shards of every save over the process group", highlight=False, soft_wrap=True)
     manager, state, info = _choose_checkpoint(d, pre, resume)
     code = 1
     try:
@@ -99,11 +104,15 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
                           console=Console(stderr=True, quiet=not d.is_main))
         # Data and model are built, and so checked, before a fresh run writes anything.
         progress = RichProgress(log_interval=cfg.log_interval) if d.is_main else NoProgress()
-        trainer = Trainer(cfg, progress=progress, task=task)
+        trainer = Trainer(cfg, progress=progress, task=task, collect_shards=collect)
         if task is not None:
             config.check_best_metric(cfg, trainer.workload.metric_names)
         if state is not None:
-            trainer.load_state_dict(state, info.path)
+            try:
+                trainer.load_state_dict(state, info.path)
+            finally:
+                if info.path.parent.name.startswith(RECEIVED_PREFIX):  # sent by rank 0: loaded, not kept
+                    shutil.rmtree(info.path.parent)
         elif init_from is not None:
             _load_weights(trainer, Path(init_from).expanduser())
             if d.is_main:
@@ -166,28 +175,23 @@ def _resolve_with_task(given: dict[str, Any], config_file: str | None, stored: d
     return dataclasses.replace(cfg, task_options=options_as_dict(task)), task
 
 
-def _require_shared_directory(d: distributed.Dist, directory: Path) -> None:
-    """--fsdp: every rank writes its shards into the checkpoint directory, and rank 0 commits them, so all
-    ranks must see one directory. Checked before anything is written: a file rank 0 creates there must
-    be visible to every rank (nodes with disks of their own at the same path do not see it)."""
-    probe, created = None, not directory.exists()
+def _directory_is_shared(d: distributed.Dist, directory: Path) -> bool:
+    """Whether every rank sees rank 0's checkpoint directory: a file rank 0 creates there must appear for all.
+
+    --fsdp: every rank writes its shards into it. Nodes with disks of their own at the same path do
+    not see each other's files; rank 0 then collects the shards (`sharded.collect_on_rank_0`).
+    """
+    probe = None
     if d.is_main:
         directory.mkdir(parents=True, exist_ok=True)
         probe = temp_path_for(directory / "shared-directory-probe")  # swept by the store if left behind
         probe.touch()
     try:
         name = distributed.gather(d, probe.name if probe is not None else None)[0]
-        blind = [rank for rank, seen in enumerate(distributed.gather(d, _appears(directory / name))) if not seen]
+        return all(distributed.gather(d, _appears(directory / name)))
     finally:
         if probe is not None:
             probe.unlink(missing_ok=True)
-    if blind:
-        if d.is_main and created:
-            directory.rmdir()  # refused: nothing is left behind
-        raise ConfigError(f"--fsdp: rank(s) {', '.join(map(str, blind))} do not see rank 0's --checkpoint-dir "
-                          f"{directory} (nodes with disks of their own): every rank writes its shards there, so "
-                          "use a --checkpoint-dir all nodes share (NFS, Lustre); uploading each node's shards to "
-                          "a --mirror is not built yet")
 
 
 def _appears(path: Path, within: float = 2.0) -> bool:
@@ -224,28 +228,48 @@ def _choose_checkpoint(d: distributed.Dist, pre: TrainConfig, resume: str | None
     return manager, state, info
 
 
+RECEIVED_PREFIX = "train-improved-received-"  # a checkpoint a rank received from rank 0, aside
+
+
 def _same_checkpoint_on_every_rank(d: distributed.Dist, path: Path, digest: str | None, state: Any, info: Any
                                    ) -> tuple[dict[str, Any], Any]:
     """Every rank loads the checkpoint rank 0 chose: from its own disk where it holds the same file, else
     (another node, no shared disk) sent by rank 0 over the process group and verified like a file.
 
-    A sharded checkpoint is not sent so: a rank without its files says so in one line.
+    A sharded checkpoint is sent file by file into a directory aside, whose path the receiving
+    rank's `info` then names: DCP reads its shards from there (`_run` deletes it after loading).
     """
     holds = d.is_main or (path.exists() and _footer_digest(path) == digest)
-    seen = distributed.gather(d, (holds, path.is_dir() if d.is_main else None))  # one round: who holds it, sharded?
+    seen = distributed.gather(d, (holds, sorted(p.name for p in path.iterdir()) if d.is_main and path.is_dir()
+                                  else None))  # one round: who holds it, and a sharded one's files
     lacking = [rank for rank, (held, _) in enumerate(seen) if not held]
     if not lacking:
         if not d.is_main:
             state, _ = load_checkpoint(path, shards=False)  # rank 0 has just verified every shard file
             info = describe(path)
         return state, info
-    if seen[0][1]:
-        raise CheckpointError(f"{path} is a sharded checkpoint and rank(s) {', '.join(map(str, lacking))} do not "
-                              "hold its files (nodes without a shared disk): use a --checkpoint-dir every node "
-                              "shares (sharded state is not yet fetched from a --mirror on each node)")
+    files = seen[0][1]
+    if files is not None:  # a sharded checkpoint: every file, each streamed to the receivers' disks
+        copy = Path(tempfile.mkdtemp(prefix=RECEIVED_PREFIX)) / path.name if d.rank in lacking else None
+        if copy is not None:
+            copy.mkdir()
+        for name in files:
+            with open(copy / name, "wb") if copy is not None else nullcontext() as f:
+                distributed.broadcast_file(d, path / name if d.is_main else None, lacking, into=f)
+        if copy is None:
+            return state, info
+        try:
+            state, footer = load_checkpoint(copy)  # verified here too: every shard's digest, safe loading
+        except BaseException:
+            shutil.rmtree(copy.parent)
+            raise
+        if footer.get("digest") != digest:
+            shutil.rmtree(copy.parent)
+            raise CheckpointError(f"the copy of {path.name} received from rank 0 is not the checkpoint it chose")
+        return state, describe(copy)
     received = distributed.broadcast_file(d, path if d.is_main else None, lacking)
     if received is not None:
-        with tempfile.TemporaryDirectory(prefix="train-improved-received-") as aside:
+        with tempfile.TemporaryDirectory(prefix=RECEIVED_PREFIX) as aside:
             copy = Path(aside) / path.name
             copy.write_bytes(received)
             state, footer = load_checkpoint(copy, shards=False)  # verified here too: digest, safe loading

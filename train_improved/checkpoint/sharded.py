@@ -9,7 +9,10 @@
 Every rank writes its own shard file with DCP (which fsyncs each file and writes `.metadata`
 last), in the background after a copy to host memory (`write_shards` does the same while the
 caller waits); then the ranks hash the files between them, so the store can record a digest of
-every file and commit the checkpoint directory only after all of them are durable. Tensors only: a
+every file and commit the checkpoint directory only after all of them are durable. On nodes
+that do not share the directory (`ShardWriter(collect=True)`), the other nodes first send their
+shard files to rank 0 over the process group and delete them, so rank 0's store holds every
+checkpoint whole. Tensors only: a
 DCP "bytes" entry is a pickle that DCP loads with `weights_only=False`, so such entries are never
 written and are refused on load.
 
@@ -20,6 +23,7 @@ hostile `.metadata` is refused before anything in it runs (SPEC §5, secure load
 
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 from collections.abc import Iterator
@@ -44,7 +48,7 @@ from .fileformat import (
     hash_file,
 )
 from .records import tensor_bytes
-from .storage import PendingShards, Shards
+from .storage import PendingShards, Shards, fsync_dir
 
 METADATA_FILE = ".metadata"
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -151,20 +155,85 @@ def _first_failure(e: CheckpointException) -> str:
     return text.splitlines()[0][:200] if text else type(cause).__name__
 
 
-def _digests(directory: Path, group: dist.ProcessGroup | None, error: str | None) -> Shards:
-    """Size and digest of every file in `directory`, on every rank (a collective on `group`).
+_CHUNK = 64 << 20  # bytes per message when a shard file is sent to rank 0
 
-    Each rank reads back a share of the files: the digests are taken from what is on disk. Every
-    rank takes part even after a failure of its own (otherwise the others would wait forever),
-    and every rank raises CheckpointWriteError if any rank failed.
+
+def collect_on_rank_0(directory: Path, group: dist.ProcessGroup | None) -> None:
+    """Send every file of `directory` that rank 0 does not hold to rank 0, then delete it here; a collective.
+
+    For nodes with disks of their own at the same path: each node holds only its ranks' shard files.
+    Each missing file is sent by the lowest rank that holds it, in chunks (no rank holds a whole
+    shard in memory); rank 0 writes it aside, fsyncs it and links it into its `directory`. A sender
+    deletes its copy only once rank 0 has stored it as a new file, so no node but rank 0's keeps
+    anything, and a directory that was shared after all (a late listing on a network filesystem:
+    the link finds the name taken) loses nothing.
     """
     rank, world = _rank_and_world()
+    mine = sorted((p.name, p.stat().st_size) for p in directory.iterdir() if p.is_file()) \
+        if directory.is_dir() else []
+    listings: list[list[tuple[str, int]]] = [[] for _ in range(world)]
+    dist.all_gather_object(listings, mine, group=group)
+    held, plan = {name for name, _ in listings[0]}, []  # (name, bytes, sender)
+    for sender in range(1, world):
+        for name, size in listings[sender]:
+            if name not in held:
+                held.add(name)
+                plan.append((name, size, sender))
+    stored = []  # on rank 0: the names it linked in as new files
+    for name, size, sender in plan:
+        if rank == sender:
+            with open(directory / name, "rb") as f:
+                for start in range(0, size, _CHUNK):
+                    dist.send(torch.frombuffer(bytearray(f.read(min(_CHUNK, size - start))), dtype=torch.uint8),
+                              dst=0, group=group)
+        elif rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            aside = directory / f".received-{name}"
+            with open(aside, "wb") as f:
+                for start in range(0, size, _CHUNK):
+                    chunk = torch.empty(min(_CHUNK, size - start), dtype=torch.uint8)
+                    dist.recv(chunk, src=sender, group=group)
+                    f.write(chunk.numpy().tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(aside, directory / name)  # never over an existing file: the server decides, not a cache
+                stored.append(name)
+            except FileExistsError:
+                pass
+            aside.unlink()
+    if rank == 0 and plan:
+        fsync_dir(directory)
+    if plan:
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, stored, group=group)
+        for name, _, sender in plan:
+            if rank == sender and name in everyone[0]:
+                (directory / name).unlink()
+    if rank != 0:
+        try:
+            directory.rmdir()  # empty once this node's files are sent (another rank of the node may remove it)
+        except OSError:
+            pass
+
+
+def _digests(directory: Path, group: dist.ProcessGroup | None, error: str | None, *, rank_0_alone: bool = False
+             ) -> Shards:
+    """Size and digest of every file in `directory`, on every rank (a collective on `group`).
+
+    Each rank reads back a share of the files (rank 0 all of them with `rank_0_alone`: the files
+    collected on its disk): the digests are taken from what is on disk. Every rank takes part even
+    after a failure of its own (otherwise the others would wait forever), and every rank raises
+    CheckpointWriteError if any rank failed.
+    """
+    rank, world = _rank_and_world()
+    share = (1, 0) if rank_0_alone else (world, rank)  # (every n-th file, starting at this one)
     mine: dict[str, Any] = {}
-    if error is None:
+    if error is None and (rank == 0 or not rank_0_alone):
         try:
             names = sorted(p.name for p in directory.iterdir() if p.is_file())
             mine = {name: {"bytes": (directory / name).stat().st_size, "digest": hash_file(directory / name)}
-                    for i, name in enumerate(names) if i % world == rank}
+                    for i, name in enumerate(names) if i % share[0] == share[1]}
         except OSError as e:
             error = f"reading back the shards failed: {describe_os_error(e)}"
     everyone: list[tuple[dict[str, Any], str | None]] = [(mine, error)]
@@ -189,9 +258,12 @@ class ShardWriter:
     then writes them from a thread; the ranks then exchange digests, as `write_shards` does. Both
     run on a process group of their own (gloo), so they never interleave with the training loop's
     collectives. At most one write is in flight: `start` first waits for the previous one.
+    With `collect`, for nodes that do not share the directory, every write ends with the other
+    nodes' files sent to rank 0 (`collect_on_rank_0`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, collect: bool = False) -> None:
+        self.collect = collect
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         world = _rank_and_world()[1]
@@ -221,7 +293,13 @@ class ShardWriter:
             error = f"writing the shards failed: {_first_failure(e)}"
         except Exception as e:  # noqa: BLE001 - a failed save, reported to every rank below and by the store
             error = f"writing the shards failed: {type(e).__name__}: {e}"
-        return _digests(directory, self._group, error)
+        if self.collect:
+            # Every rank takes part even after its own failure: the others would wait forever.
+            try:
+                collect_on_rank_0(directory, self._group)
+            except (OSError, RuntimeError) as e:
+                error = error or f"sending the shards to rank 0 failed: {type(e).__name__}: {e}"
+        return _digests(directory, self._group, error, rank_0_alone=self.collect)
 
     def wait(self) -> None:
         """Block until the write in flight has finished on every rank (its failure is the store's to report)."""
