@@ -7,6 +7,10 @@ shards to host memory and the loop goes on; with --no-async-save it waits for th
 (every rank's DCP write, the digests, state.pt, the backup copy, latest).
 
     python benchmarks/fsdp_stall.py --n-layer 6 --n-embd 512 --steps 12 --every 3
+
+With --node-local (root, `unshare`): the async job on one shared directory against the same job as
+two "nodes", each a torchrun launcher in its own mount namespace with a directory of its own at the
+--checkpoint-dir path, where rank 0 collects node 1's shards at every save (issue 24).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import socket
 import statistics
 import subprocess
 import sys
@@ -23,17 +29,40 @@ from pathlib import Path
 from conftest_free_corpus import write_corpus
 
 
-def run(workdir: Path, args: argparse.Namespace, async_save: bool) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "train_improved", "--fsdp", "--data", "corpus.txt", "--n-layer", str(args.n_layer),
-           "--n-embd", str(args.n_embd), "--n-head", "8", "--block-size", "64", "--batch-size", "4",
-           "--mini-batch-size", "2", "--max-steps", str(args.steps), "--checkpoint-freq", str(args.every),
-           "--eval-interval", str(10**6), "--eval-steps", "1", "--sample-length", "0", "--keep-checkpoints", "2",
-           "--async-save" if async_save else "--no-async-save"]
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode != 0:
-        raise SystemExit(f"torchrun failed:\n{proc.stderr[-3000:]}")
+def train_args(args: argparse.Namespace, async_save: bool) -> list[str]:
+    return ["-m", "train_improved", "--fsdp", "--data", "corpus.txt", "--n-layer", str(args.n_layer),
+            "--n-embd", str(args.n_embd), "--n-head", "8", "--block-size", "64", "--batch-size", "4",
+            "--mini-batch-size", "2", "--max-steps", str(args.steps), "--checkpoint-freq", str(args.every),
+            "--eval-interval", str(10**6), "--eval-steps", "1", "--sample-length", "0", "--keep-checkpoints", "2",
+            "--async-save" if async_save else "--no-async-save"]
+
+
+def run(workdir: Path, args: argparse.Namespace, async_save: bool, node_local: bool = False) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not node_local:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *train_args(args, async_save)]
+        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
+        failed = proc.stderr if proc.returncode != 0 else None
+    else:  # two launchers, each with its own directory mounted at the same --checkpoint-dir path
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        nodes = []
+        for node in (0, 1):
+            (workdir / f"disk_{node}").mkdir()
+            (workdir / "checkpoints").mkdir(exist_ok=True)
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                        "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                        *train_args(args, async_save)]
+            script = f"mount --bind {workdir / f'disk_{node}'} {workdir / 'checkpoints'} && exec {shlex.join(torchrun)}"
+            nodes.append(subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+                                          cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          text=True))
+        errors = [p.communicate()[1] for p in nodes]
+        failed = next((e for p, e in zip(nodes, errors, strict=True) if p.returncode != 0), None)
+    if failed is not None:
+        raise SystemExit(f"torchrun failed:\n{failed[-3000:]}")
     records = [json.loads(line) for line in (workdir / "runs" / "metrics.jsonl").read_text().splitlines()]
     # The final save at the last step is waited for either way: only the saves the loop ran past count.
     return [r for r in records if r["event"] == "checkpoint" and r["kind"] == "rolling" and r["step"] < args.steps]
@@ -45,21 +74,27 @@ def main() -> None:
     ap.add_argument("--n-embd", type=int, default=512)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--every", type=int, default=3)
+    ap.add_argument("--node-local", action="store_true", help="one shared directory vs two nodes' own disks")
     args = ap.parse_args()
+    runs = (("shared", True, False), ("node-local", True, True)) if args.node_local else \
+        (("async", True, False), ("sync", False, False))
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, async_save in (("async", True), ("sync", False)):
+        for name, async_save, node_local in runs:
             d = Path(tmp) / name
             d.mkdir()
             write_corpus(d / "corpus.txt")
-            rows[name] = run(d, args, async_save)
+            rows[name] = run(d, args, async_save, node_local)
     med = statistics.median
-    size = rows["async"][0]["bytes"] / 1e6
-    print(f"2 ranks, --fsdp, {args.n_layer} layers x {args.n_embd}: {len(rows['async'])} rolling saves of {size:.0f} MB "
+    first, second = rows
+    size = rows[first][0]["bytes"] / 1e6
+    print(f"2 ranks, --fsdp, {args.n_layer} layers x {args.n_embd}: {len(rows[first])} rolling saves of {size:.0f} MB "
           "(checkpoint and its backup); medians")
     for name, saves in rows.items():
-        print(f"{name:>6}: stall {med(r['stall_s'] for r in saves):.3f} s   write {med(r['write_s'] for r in saves):.3f} s")
-    print(f"stall async / sync: {med(r['stall_s'] for r in rows['async']) / med(r['stall_s'] for r in rows['sync']):.3f}")
+        print(f"{name:>10}: stall {med(r['stall_s'] for r in saves):.3f} s   write {med(r['write_s'] for r in saves):.3f} s")
+    for what in ("stall", "write"):
+        print(f"{what} {first} / {second}: "
+              f"{med(r[what + '_s'] for r in rows[first]) / med(r[what + '_s'] for r in rows[second]):.3f}")
 
 
 if __name__ == "__main__":
