@@ -21,7 +21,7 @@ import torch
 
 from train_improved.checkpoint import load_checkpoint
 
-from conftest import CORPUS_BYTES, TINY, corpus_bytes, step_losses, wait_for_step
+from conftest import CORPUS_BYTES, TINY, corpus_bytes, run_train, step_losses, wait_for_step
 
 pytestmark = pytest.mark.distributed
 STEPS = 24
@@ -147,6 +147,38 @@ def test_fsdp_on_two_nodes_without_a_shared_disk(s3, tmp_path: Path) -> None:
     assert sorted(second_life) == list(range(stopped + 1, STEPS + 1))
     for step, loss in second_life.items():  # 1 rank now: only the reduction order differs
         assert loss == pytest.approx(theirs[step], rel=1e-4), step
+
+
+@needs_namespaces
+def test_fsdp_node_1_lost_mid_run_leaves_only_whole_checkpoints_on_every_tier(s3, tmp_path: Path) -> None:
+    """kill -9 of node 1 (its agent and its rank) at a random step, with saves every 2 steps: whatever
+    the collection was doing, node 0's store and the bucket list only checkpoints holding both ranks'
+    shards, and the job relaunched on node 0 alone resumes from its own disk and finishes."""
+    (tmp_path / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
+    args = ["--fsdp", *ARGS, "--checkpoint-freq", "2", "--mirror", "s3://bucket/fsdplost",
+            "--mirror-options", s3.options()]
+    port = free_port()
+    nodes = [launch(tmp_path, node, port, *args) for node in (0, 1)]
+    wait_for_step(tmp_path / "runs" / "metrics.jsonl", random.randint(5, 16), nodes[0])  # seeded: TEST_SEED
+    for pid in [*children(nodes[1].pid), nodes[1].pid]:
+        os.kill(pid, signal.SIGKILL)
+    err = [p.communicate(timeout=300)[1] for p in nodes]
+    assert nodes[0].returncode != 0, err[0][-3000:]  # its peer is gone: the job stops
+    assert not any((tmp_path / "disk_1").iterdir()) or all(p.name.startswith(".tmp") for p in
+                                                           (tmp_path / "disk_1").iterdir())
+    local = whole_sharded_checkpoints(tmp_path / "disk_0")
+    assert local, "no checkpoint was committed before node 1 was lost"
+    store = s3.store("s3://bucket/fsdplost")
+    assert all({"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(e.files or {})
+               for e in store.manifest().values())
+    listed = run_train("--list-checkpoints", "--mirror", "s3://bucket/fsdplost", "--mirror-options", s3.options(),
+                       "--verify", "--checkpoint-dir", str(tmp_path / "disk_0"), cwd=tmp_path)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+
+    again = launch_alone_under_torchrun(tmp_path, tmp_path / "disk_0", *args, "--resume", "auto",
+                                        "--metrics-file", "runs/relaunched.jsonl")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert max(step_losses(tmp_path / "runs" / "relaunched.jsonl")) == STEPS
 
 
 def children(pid: int) -> list[int]:
