@@ -28,10 +28,10 @@ ARGS = ["--data", "corpus.txt", *TINY, "--max-steps", str(STEPS), "--num-epochs"
 FSDP = ["--fsdp", "--batch-size", "16"]
 
 
-def torchrun(*args: str) -> list[str]:
+def torchrun(*args: str, max_restarts: int = 0) -> list[str]:
     # --standalone: a rendezvous on a free local port, so parallel or back-to-back runs never collide.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "train_improved", *args]
+            "--max-restarts", str(max_restarts), "-m", "train_improved", *args]
 
 
 def env() -> dict[str, str]:
@@ -90,6 +90,42 @@ def test_two_ranks_log_once_and_write_the_single_process_layout(reference: Path)
     # Nothing in it belongs to one rank: the data position is global, dropout seeds derive from the step.
     assert state["world_size"] == 2 and "rank_states" not in state
     assert state["dataloader_state"]["train_index"] % 8 == 0  # whole global batches of 8 windows
+
+
+def test_torchrun_max_restarts_recovers_from_a_killed_rank_by_itself(reference: Path, tmp_path: Path) -> None:
+    """`torchrun --max-restarts 2 ... --resume auto`, one of the two ranks killed with SIGKILL: the agent
+    restarts the group, every rank resumes from the newest checkpoint, and the run ends as the
+    uninterrupted one (every loss and the final weights bitwise). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    is what the docs tell users to set: with torch's default, a restarted group can read the failed
+    group's addresses from the shared store (connection refused, or a hang in gloo's connect)."""
+    (tmp_path / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES * 2))
+    agent = subprocess.Popen(torchrun(*ARGS, "--resume", "auto", max_restarts=2), cwd=tmp_path,
+                             env={**env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "metrics.jsonl"
+    wait_for_step(metrics, random.randint(6, 24), agent)  # seeded: conftest.TEST_SEED
+    workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(random.choice(workers)), signal.SIGKILL)  # one rank dies without a word
+    _, err = agent.communicate(timeout=300)
+    assert agent.returncode == 0, err[-3000:]
+    assert [r["event"] for r in read_metrics(metrics)].count("resume") == 1  # restarted once, by the agent
+    assert step_losses(metrics) == step_losses(reference / "runs" / "metrics.jsonl")
+    expected = final_weights(reference)
+    assert all(torch.equal(final_weights(tmp_path)[k], v) for k, v in expected.items())
+
+
+def test_restarts_that_share_torchruns_store_are_warned_about(monkeypatch: pytest.MonkeyPatch) -> None:
+    from train_improved.distributed import restarts_can_meet_stale_addresses
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    assert restarts_can_meet_stale_addresses()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    assert not restarts_can_meet_stale_addresses()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert not restarts_can_meet_stale_addresses()
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -12,6 +12,7 @@ run may resume on another number of ranks.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,7 +48,19 @@ def from_environment() -> Dist:
 
 def init(d: Dist, device: str) -> None:
     if d.enabled and not dist.is_initialized():
+        if d.is_main and restarts_can_meet_stale_addresses():
+            logging.getLogger("train_improved").warning(
+                "torchrun --max-restarts: also set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun. In the store "
+                "its rendezvous shares with the workers (torch's default), a restarted group can read the failed "
+                "group's addresses and fail to connect, using up the restarts (pytorch/pytorch#135712)")
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+
+
+def restarts_can_meet_stale_addresses() -> bool:
+    """torchrun restarts workers (--max-restarts) and shares its rendezvous TCPStore with them: a new group
+    can then read the previous group's process-group keys (its dead peers' addresses) from that store."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
+        int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
 
 
 def shutdown(d: Dist, *, together: bool) -> None:
