@@ -43,13 +43,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cwd: Path, node: int, port: int, *args: str) -> subprocess.Popen:
-    """Node `node` of 2: its own disk (cwd/disk_<node>) at the shared path cwd/ck, one process."""
+def launch(cwd: Path, node: int, port: int, *args: str, procs: int = 1) -> subprocess.Popen:
+    """Node `node` of 2: its own disk (cwd/disk_<node>) at the shared path cwd/ck, `procs` processes."""
     disk, mount_at = cwd / f"disk_{node}", cwd / "ck"
     disk.mkdir(exist_ok=True)
     mount_at.mkdir(exist_ok=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-                "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                "--nproc-per-node", str(procs), "--master-addr", "127.0.0.1", "--master-port", str(port),
                 "-m", "train_improved", *args, "--checkpoint-dir", str(mount_at)]
     script = f"mount --bind {disk} {mount_at} && exec {shlex.join(map(str, torchrun))}"
     return subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", script], cwd=cwd,
@@ -57,9 +57,9 @@ def launch(cwd: Path, node: int, port: int, *args: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def run_both(cwd: Path, *args: str, stop_at: int | None = None) -> list[str]:
+def run_both(cwd: Path, *args: str, stop_at: int | None = None, procs: int = 1) -> list[str]:
     port = free_port()
-    nodes = [launch(cwd, node, port, *args) for node in (0, 1)]
+    nodes = [launch(cwd, node, port, *args, procs=procs) for node in (0, 1)]
     if stop_at is not None:
         wait_for_step(cwd / "runs" / "metrics.jsonl", stop_at, nodes[0])
         nodes[0].send_signal(signal.SIGTERM)  # what a scheduler sends one node's agent
@@ -67,13 +67,13 @@ def run_both(cwd: Path, *args: str, stop_at: int | None = None) -> list[str]:
     return [f"exit {p.returncode}\n{e}" for p, e in zip(nodes, errs, strict=True)]
 
 
-def reference_and_victim(tmp_path: Path, *args: str) -> tuple[Path, Path]:
+def reference_and_victim(tmp_path: Path, *args: str, procs: int = 1) -> tuple[Path, Path]:
     """A finished 2-node reference run of `args`, and an empty directory (with the corpus) for the run under test."""
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     for d in (reference, victim):
         d.mkdir()
         (d / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
-    out = run_both(reference, *args)
+    out = run_both(reference, *args, procs=procs)
     assert all(o.startswith("exit 0") for o in out), out
     return reference, victim
 
@@ -147,6 +147,23 @@ def test_fsdp_on_two_nodes_without_a_shared_disk(s3, tmp_path: Path) -> None:
     assert sorted(second_life) == list(range(stopped + 1, STEPS + 1))
     for step, loss in second_life.items():  # 1 rank now: only the reduction order differs
         assert loss == pytest.approx(theirs[step], rel=1e-4), step
+
+
+@needs_namespaces
+def test_fsdp_on_two_nodes_of_two_ranks_each_without_a_shared_disk(tmp_path: Path) -> None:
+    """Two ranks per node: rank 1 shares node 0's disk (it loads the checkpoint from there), ranks 2 and 3
+    share node 1's (each receives it from rank 0). SIGTERM, resume on both nodes: every loss bitwise."""
+    fsdp = ["--fsdp", *ARGS, "--batch-size", "16"]  # 4 micro-batches of 4: one per rank
+    reference, victim = reference_and_victim(tmp_path, *fsdp, procs=2)
+    out = run_both(victim, *fsdp, stop_at=random.randint(6, 18), procs=2)  # seeded: conftest.TEST_SEED
+    assert out[0].startswith(f"exit {128 + signal.SIGTERM}") or out[0].startswith("exit 1"), out
+    for checkpoint in whole_sharded_checkpoints(victim / "disk_0"):
+        footer = load_checkpoint(victim / "disk_0" / checkpoint)[1]
+        assert {f"__{r}_0.distcp" for r in range(4)} <= set(footer["shards"]), checkpoint
+    assert not any((victim / "disk_1").iterdir())
+    out = run_both(victim, *fsdp, "--resume", "latest", procs=2)
+    assert all(o.startswith("exit 0") for o in out), out
+    assert step_losses(victim / "runs" / "metrics.jsonl") == step_losses(reference / "runs" / "metrics.jsonl")
 
 
 @needs_namespaces

@@ -256,7 +256,10 @@ def _same_checkpoint_on_every_rank(d: distributed.Dist, path: Path, digest: str 
         for name in files:
             with open(copy / name, "wb") if copy is not None else nullcontext() as f:
                 distributed.broadcast_file(d, path / name if d.is_main else None, lacking, into=f)
-        if copy is None:
+        if copy is None:  # rank 0, or a rank on rank 0's node: its own disk holds the checkpoint
+            if not d.is_main:
+                state, _ = load_checkpoint(path, shards=False)
+                info = describe(path)
             return state, info
         try:
             state, footer = load_checkpoint(copy)  # verified here too: every shard's digest, safe loading
