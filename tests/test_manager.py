@@ -42,6 +42,23 @@ def names(d: Path) -> set[str]:
     return {p.name for p in d.iterdir() if p.suffix == ".pt"}
 
 
+def test_a_kill_between_the_bests_two_renames_leaves_no_temporary_at_the_next_best(tmp_path: Path) -> None:
+    """A kill after the old best was linked to best_model_previous.pt and before the new best replaced
+    best_model.pt leaves the two names on one file. The next best links best_model.pt to
+    best_model_previous.pt again: rename(2) between two links of one file does nothing, and the
+    temporary link stayed behind until the next start (a kill -9 torture found it)."""
+    d = tmp_path / "ck"
+    with CheckpointManager(d, CheckpointOptions(save_every=None)) as m:
+        run(m, range(1, 3), val={1: 5.0, 2: 4.0})
+    (d / "best_model_previous.pt").unlink()
+    os.link(d / "best_model.pt", d / "best_model_previous.pt")  # what the kill left
+    with CheckpointManager(d, CheckpointOptions(save_every=None)) as m:
+        run(m, range(3, 4), val={3: 3.0})
+        assert not list(d.glob(".tmp-*"))  # before close: the next open would sweep it
+    load = lambda n: torch.load(d / n, weights_only=True)  # noqa: E731
+    assert load("best_model.pt")["step"] == 3 and load("best_model_previous.pt")["step"] == 2
+
+
 def test_retention_policy_is_pure() -> None:
     assert keep_last(2)(["a", "b", "c"]) == [False, True, True]
     assert keep_last(5)(["a"]) == [True]

@@ -297,6 +297,11 @@ def _replace(tmp: Path, final: Path, displaced: list[Path] | None = None) -> Non
     """
     old_dir = final.exists() and (tmp.is_dir() or final.is_dir())
     if not old_dir:
+        if final.exists() and os.path.samefile(tmp, final):
+            # Two links of one file (a kill between the best's two renames left best_model.pt and
+            # best_model_previous.pt so): rename(2) does nothing then and would leave `tmp` behind.
+            os.unlink(tmp)
+            return
         if displaced is not None and final.exists():
             aside = temp_path_for(final)
             try:
