@@ -117,20 +117,6 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
         return logits, loss
 
-    def configure_optimizer(
-        self, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95), *, device_type: str = "cpu"
-    ) -> torch.optim.AdamW:
-        """AdamW with decay on matrices only: biases and LayerNorm gains are not decayed.
-
-        Fused into one kernel on CUDA (as nanoGPT), multi-tensor (foreach) elsewhere.
-        """
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **adamw_kernels(device_type))
-
     @torch.no_grad()
     def generate(
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
@@ -157,9 +143,3 @@ def sample_text(model: GPT, prompt: bytes, length: int, *, temperature: float = 
     with torch.no_grad():
         out = model.generate(idx, length, temperature=temperature, generator=generator)
     return bytes(out[0].tolist()).decode("utf-8", errors="replace")
-
-
-def adamw_kernels(device_type: str) -> dict[str, bool | None]:
-    """Fused into one kernel on CUDA (as nanoGPT), multi-tensor (foreach) elsewhere."""
-    fused = device_type == "cuda"
-    return {"fused": fused, "foreach": None if fused else True}

@@ -14,9 +14,14 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .model import adamw_kernels
 from .samples import KeyedSamples, SampleOrder, StepLoader, evenly_spread, make_loader
 from .task import Task, TaskError
+
+
+def adamw_kernels(device_type: str) -> dict[str, bool | None]:
+    """Fused into one kernel on CUDA (as nanoGPT), multi-tensor (foreach) elsewhere."""
+    fused = device_type == "cuda"
+    return {"fused": fused, "foreach": None if fused else True}
 
 
 class TaskWorkload:
