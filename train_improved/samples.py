@@ -25,13 +25,15 @@ import random
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .config import DataError
+
+T = TypeVar("T")
 
 
 def epoch_generator(seed: int, epoch: int) -> np.random.Generator:
@@ -43,6 +45,16 @@ def at_epoch(dataset: Any, epoch: int, rng: np.random.Generator) -> Any:
     """The training set as epoch `epoch` reads it: its `at_epoch(epoch, rng)` if it defines one."""
     hook = getattr(dataset, "at_epoch", None)
     return hook(epoch, rng) if callable(hook) else dataset
+
+
+def _for_epoch(cache: dict[int, T], epoch: int, make: Callable[[int], T]) -> T:
+    """`cache[epoch]`, made on first use; only the epoch before it is kept beside it (a loader reading
+    ahead crosses into the next epoch while the current one is still asked for)."""
+    if epoch not in cache:
+        for old in [e for e in cache if e != epoch - 1]:
+            del cache[old]
+        cache[epoch] = make(epoch)
+    return cache[epoch]
 
 
 class SampleOrder:
@@ -63,12 +75,12 @@ class SampleOrder:
         return self._drawn(epoch)[0]
 
     def _drawn(self, epoch: int) -> tuple[Any, np.ndarray]:
-        if epoch not in self._epochs:
-            self._epochs = {e: o for e, o in self._epochs.items() if e == epoch - 1}
-            rng = epoch_generator(self.seed, epoch)
-            view = at_epoch(self.dataset, epoch, rng)  # drawn first: the permutation comes after it
-            self._epochs[epoch] = view, rng.permutation(self.count)
-        return self._epochs[epoch]
+        return _for_epoch(self._epochs, epoch, self._draw)
+
+    def _draw(self, epoch: int) -> tuple[Any, np.ndarray]:
+        rng = epoch_generator(self.seed, epoch)
+        view = at_epoch(self.dataset, epoch, rng)  # drawn first: the permutation comes after it
+        return view, rng.permutation(self.count)
 
     def micro_batch_indices(self, k: int, size: int) -> np.ndarray:
         """The sample indices of micro-batch `k` (of `size` samples) of the next step."""
@@ -168,10 +180,8 @@ class KeyedSamples(Dataset):
     def _set(self, epoch: int) -> Any:
         if not self.by_epoch:
             return self.dataset
-        if epoch not in self._views:  # each worker draws the same view from the epoch's generator
-            self._views = {e: v for e, v in self._views.items() if e == epoch - 1}
-            self._views[epoch] = at_epoch(self.dataset, epoch, epoch_generator(self.seed, epoch))
-        return self._views[epoch]
+        # Each worker draws the same view from the epoch's generator, as SampleOrder does.
+        return _for_epoch(self._views, epoch, lambda e: at_epoch(self.dataset, e, epoch_generator(self.seed, e)))
 
     def _read(self, key: tuple[int, int]) -> Any:
         epoch, index = key
