@@ -48,7 +48,7 @@ from .fileformat import (
     hash_file,
 )
 from .records import tensor_bytes
-from .storage import PendingShards, Shards, fsync_dir
+from .storage import PendingShards, Shards, fsync, fsync_dir
 
 METADATA_FILE = ".metadata"
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -195,7 +195,7 @@ def collect_on_rank_0(directory: Path, group: dist.ProcessGroup | None) -> None:
                     dist.recv(chunk, src=sender, group=group)
                     f.write(chunk.numpy().tobytes())
                 f.flush()
-                os.fsync(f.fileno())
+                fsync(f.fileno())
             try:
                 os.link(aside, directory / name)  # never over an existing file: the server decides, not a cache
                 stored.append(name)
@@ -227,13 +227,13 @@ def _digests(directory: Path, group: dist.ProcessGroup | None, error: str | None
     CheckpointWriteError if any rank failed.
     """
     rank, world = _rank_and_world()
-    share = (1, 0) if rank_0_alone else (world, rank)  # (every n-th file, starting at this one)
+    hashers = 1 if rank_0_alone else world  # rank r < hashers reads every hashers-th file from the r-th on
     mine: dict[str, Any] = {}
-    if error is None and (rank == 0 or not rank_0_alone):
+    if error is None and rank < hashers:
         try:
             names = sorted(p.name for p in directory.iterdir() if p.is_file())
             mine = {name: {"bytes": (directory / name).stat().st_size, "digest": hash_file(directory / name)}
-                    for i, name in enumerate(names) if i % share[0] == share[1]}
+                    for i, name in enumerate(names) if i % hashers == rank}
         except OSError as e:
             error = f"reading back the shards failed: {describe_os_error(e)}"
     everyone: list[tuple[dict[str, Any], str | None]] = [(mine, error)]
