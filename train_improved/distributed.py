@@ -129,27 +129,22 @@ def gather(d: Dist, obj: Any) -> list[Any]:
 _BROADCAST_CHUNK = 64 << 20
 
 
-def broadcast_file(d: Dist, path: Path | None, receivers: list[int], into: BinaryIO | None = None) -> bytes | None:
-    """Rank 0's file `path`, sent over the process group to `receivers`; their copy of its bytes, None elsewhere.
+def broadcast_file(d: Dist, path: Path | None, into: BinaryIO | None) -> None:
+    """Rank 0's file `path`, sent over the process group (a collective); a rank that gives `into` writes it there.
 
     For a checkpoint some ranks cannot read from their own disk (nodes without a shared one). In
-    chunks; a receiver given `into` writes each chunk there as it arrives (and gets None), so it never
-    holds more than one chunk of a large shard file.
+    chunks, each written as it arrives: no rank holds more than one chunk of a large file.
     """
     device = torch.device("cuda", d.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
     size = torch.tensor([path.stat().st_size if d.is_main and path is not None else 0], dtype=torch.int64,
                         device=device)
     dist.broadcast(size, src=0)
     total = int(size.item())
-    out = bytearray() if d.rank in receivers and into is None else None
     with open(path, "rb") if d.is_main and path is not None else nullcontext() as f:
         for start in range(0, total, _BROADCAST_CHUNK):
             n = min(_BROADCAST_CHUNK, total - start)
             chunk = torch.frombuffer(bytearray(f.read(n)), dtype=torch.uint8).to(device) if d.is_main else \
                 torch.empty(n, dtype=torch.uint8, device=device)
             dist.broadcast(chunk, src=0)
-            if out is not None:
-                out += chunk.cpu().numpy().tobytes()
-            elif into is not None and d.rank in receivers:
+            if into is not None:
                 into.write(chunk.cpu().numpy().tobytes())
-    return bytes(out) if out is not None else None

@@ -234,54 +234,40 @@ RECEIVED_PREFIX = "train-improved-received-"  # a checkpoint a rank received fro
 def _same_checkpoint_on_every_rank(d: distributed.Dist, path: Path, digest: str | None, state: Any, info: Any
                                    ) -> tuple[dict[str, Any], Any]:
     """Every rank loads the checkpoint rank 0 chose: from its own disk where it holds the same file, else
-    (another node, no shared disk) sent by rank 0 over the process group and verified like a file.
+    (another node, no shared disk) sent by rank 0 over the process group, streamed to a copy aside on
+    its disk and verified like any checkpoint there.
 
-    A sharded checkpoint is sent file by file into a directory aside, whose path the receiving
-    rank's `info` then names: DCP reads its shards from there (`_run` deletes it after loading).
+    A sharded checkpoint is sent file by file, and its copy is kept: the receiving rank's `info`
+    names it, DCP reads the shards from there, and `_run` deletes it after loading.
     """
     holds = d.is_main or (path.exists() and _footer_digest(path) == digest)
     seen = distributed.gather(d, (holds, sorted(p.name for p in path.iterdir()) if d.is_main and path.is_dir()
                                   else None))  # one round: who holds it, and a sharded one's files
     lacking = [rank for rank, (held, _) in enumerate(seen) if not held]
-    if not lacking:
+    files = seen[0][1]  # None: one file
+    copy = Path(tempfile.mkdtemp(prefix=RECEIVED_PREFIX)) / path.name if d.rank in lacking else None
+    if copy is not None and files is not None:
+        copy.mkdir()
+    for name in (files if files is not None else [None]) if lacking else []:  # every rank takes part in each
+        source, target = (path, copy) if name is None else (path / name, copy and copy / name)
+        with open(target, "wb") if target is not None else nullcontext() as f:
+            distributed.broadcast_file(d, source if d.is_main else None, into=f)
+    if copy is None:  # rank 0, or a rank whose disk holds the checkpoint too (rank 0's node, a shared disk)
         if not d.is_main:
             state, _ = load_checkpoint(path, shards=False)  # rank 0 has just verified every shard file
             info = describe(path)
         return state, info
-    files = seen[0][1]
-    if files is not None:  # a sharded checkpoint: every file, each streamed to the receivers' disks
-        copy = Path(tempfile.mkdtemp(prefix=RECEIVED_PREFIX)) / path.name if d.rank in lacking else None
-        if copy is not None:
-            copy.mkdir()
-        for name in files:
-            with open(copy / name, "wb") if copy is not None else nullcontext() as f:
-                distributed.broadcast_file(d, path / name if d.is_main else None, lacking, into=f)
-        if copy is None:  # rank 0, or a rank on rank 0's node: its own disk holds the checkpoint
-            if not d.is_main:
-                state, _ = load_checkpoint(path, shards=False)
-                info = describe(path)
-            return state, info
-        try:
-            state, footer = load_checkpoint(copy)  # verified here too: every shard's digest, safe loading
-        except BaseException:
-            shutil.rmtree(copy.parent)
-            raise
+    try:
+        state, footer = load_checkpoint(copy)  # verified here too: every digest, safe loading
         if footer.get("digest") != digest:
-            shutil.rmtree(copy.parent)
             raise CheckpointError(f"the copy of {path.name} received from rank 0 is not the checkpoint it chose")
-        return state, describe(copy)
-    received = distributed.broadcast_file(d, path if d.is_main else None, lacking)
-    if received is not None:
-        with tempfile.TemporaryDirectory(prefix=RECEIVED_PREFIX) as aside:
-            copy = Path(aside) / path.name
-            copy.write_bytes(received)
-            state, footer = load_checkpoint(copy, shards=False)  # verified here too: digest, safe loading
-            if footer.get("digest") != digest:
-                raise CheckpointError(f"the copy of {path.name} received from rank 0 is not the checkpoint it chose")
-            info = dataclasses.replace(describe(copy), path=path)
-    elif not d.is_main:
-        state, _ = load_checkpoint(path, shards=False)
-        info = describe(path)
+        info = describe(copy)
+    except BaseException:
+        shutil.rmtree(copy.parent)
+        raise
+    if files is None:  # one file: all of it is in `state` now
+        shutil.rmtree(copy.parent)
+        return state, dataclasses.replace(info, path=path)
     return state, info
 
 
