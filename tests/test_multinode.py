@@ -100,12 +100,17 @@ def launch_alone_under_torchrun(cwd: Path, directory: Path, *args: str) -> subpr
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
 
 
-def whole_sharded_checkpoints(disk: Path) -> list[str]:
-    """The sharded checkpoints of a disk, each verified: its footer lists both ranks' shard files."""
+def shard_files(ranks: int = 2) -> set[str]:
+    """What a whole sharded checkpoint of `ranks` ranks holds besides state.pt."""
+    return {f"__{r}_0.distcp" for r in range(ranks)} | {".metadata"}
+
+
+def whole_sharded_checkpoints(disk: Path, ranks: int = 2) -> list[str]:
+    """The sharded checkpoints of a disk, each verified: its footer lists every rank's shard files."""
     names = []
     for checkpoint in sorted(p for p in disk.iterdir() if p.is_dir() and not p.name.startswith(".")):
         footer = load_checkpoint(checkpoint)[1]  # every listed file present, each digest checked
-        assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(footer["shards"]), checkpoint.name
+        assert shard_files(ranks) <= set(footer["shards"]), checkpoint.name
         names.append(checkpoint.name)
     return names
 
@@ -136,7 +141,7 @@ def test_fsdp_on_two_nodes_without_a_shared_disk(s3, tmp_path: Path) -> None:
     out = run_both(mirrored, *args, stop_at=random.randint(6, 18))
     assert out[0].startswith(f"exit {128 + signal.SIGTERM}") or out[0].startswith("exit 1"), out
     manifest = s3.store("s3://bucket/fsdp").manifest()
-    assert all({"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(e.files or {}) for e in manifest.values())
+    assert all(shard_files() <= set(e.files or {}) for e in manifest.values())
     stopped = manifest["latest.pt"].step
     for disk in ("disk_0", "disk_1"):  # both machines gone
         shutil.rmtree(mirrored / disk)
@@ -157,9 +162,7 @@ def test_fsdp_on_two_nodes_of_two_ranks_each_without_a_shared_disk(tmp_path: Pat
     reference, victim = reference_and_victim(tmp_path, *fsdp, procs=2)
     out = run_both(victim, *fsdp, stop_at=random.randint(6, 18), procs=2)  # seeded: conftest.TEST_SEED
     assert out[0].startswith(f"exit {128 + signal.SIGTERM}") or out[0].startswith("exit 1"), out
-    for checkpoint in whole_sharded_checkpoints(victim / "disk_0"):
-        footer = load_checkpoint(victim / "disk_0" / checkpoint)[1]
-        assert {f"__{r}_0.distcp" for r in range(4)} <= set(footer["shards"]), checkpoint
+    assert whole_sharded_checkpoints(victim / "disk_0", ranks=4)
     assert not any((victim / "disk_1").iterdir())
     out = run_both(victim, *fsdp, "--resume", "latest", procs=2)
     assert all(o.startswith("exit 0") for o in out), out
@@ -186,7 +189,7 @@ def test_fsdp_node_1_lost_mid_run_leaves_only_whole_checkpoints_on_every_tier(s3
     local = whole_sharded_checkpoints(tmp_path / "disk_0")
     assert local, "no checkpoint was committed before node 1 was lost"
     store = s3.store("s3://bucket/fsdplost")
-    assert all({"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(e.files or {})
+    assert all(shard_files() <= set(e.files or {})
                for e in store.manifest().values())
     listed = run_train("--list-checkpoints", "--mirror", "s3://bucket/fsdplost", "--mirror-options", s3.options(),
                        "--verify", "--checkpoint-dir", str(tmp_path / "disk_0"), cwd=tmp_path)
