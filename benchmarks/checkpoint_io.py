@@ -7,12 +7,16 @@ For each state size it measures
             then fsync) and with early writeback (the disk's ceiling here; see raw_bandwidth);
   * sync:   the store with --no-async-save (the loop waits for everything);
   * async:  the store's default: the loop waits only for the copy into reused staging buffers;
-  * emergency: one synchronous emergency save (a single verified file), what a SIGTERM costs;
+  * emergency: one synchronous emergency save (a single verified file), what a SIGTERM costs: the
+            time until it is committed (durable, verified, renamed), and that time over the
+            ceiling's time for the same bytes, measured for one copy of the state (the disk's
+            rate for 1 GiB is not its rate for 2) (issue 25's target: <= 1.5);
 and prints stall ratio (async stall / plain), background throughput / raw disk bandwidth, and
 bytes written per rolling save / state size. A second table splits the async writer's time into
 what the ceiling spends on the same bytes and what only a checkpoint costs on top: torch.save's
-own CPU work (pickling and its zip CRC-32, measured into a sink that discards) and the read-back
-verification of both files.
+own CPU work (pickling and its zip CRC-32, measured into a sink that discards) and a read-back
+verification of both files, measured alone (the writer reads back beside its writes, so this
+part overlaps the ceiling's time rather than adding to it).
 
     python benchmarks/checkpoint_io.py --sizes 100 500 1000 --rounds 5 --dir /work/ckbench
 """
@@ -30,7 +34,7 @@ from pathlib import Path
 import torch
 
 from train_improved.checkpoint import CheckpointManager, CheckpointOptions, Kind, SaveResult, verify_file
-from train_improved.checkpoint.storage import start_writeback
+from train_improved.checkpoint.stream import start_writeback
 
 
 def make_state(mb: int) -> dict:
@@ -145,7 +149,7 @@ def main() -> None:
     print("them alike; the table shows medians over rounds (ratios: median of the per-round ratios).")
     header = (f"{'state':>8} {'plain s':>8} {'sync s':>8} {'async stall s':>13} {'stall/plain':>11} "
               f"{'write s':>8} {'cleanup s':>9} {'MB/s':>7} {'dd-like MB/s':>12} {'thru/dd-like':>12} {'ceiling MB/s':>12} "
-              f"{'thru/ceiling':>12} {'bytes/state':>11} {'emergency s':>11}")
+              f"{'thru/ceiling':>12} {'bytes/state':>11} {'emergency s':>11} {'em/ceiling':>10}")
     print(header)
     med = statistics.median
     explained = []
@@ -166,6 +170,7 @@ def main() -> None:
                 # A rolling save writes the file and its independent backup: the same bytes twice.
                 dd_like = raw_bandwidth(base, state, 2, early_writeback=False)
                 ceiling = raw_bandwidth(base, state, 2, early_writeback=True)
+                ceiling_one_copy = raw_bandwidth(base, state, 1, early_writeback=True)
                 sync = one_save(sync_m, state, r, Kind.ROLLING)
                 asyn = one_save(async_m, state, r, Kind.ROLLING)
                 emergency = one_save(em_m, state, r, Kind.EMERGENCY)
@@ -176,21 +181,22 @@ def main() -> None:
                 breakdown.append(parts)
                 rows.append({"plain": plain, "sync": sync.stall_s, "stall": asyn.stall_s, "write": asyn.write_s, "cleanup": asyn.cleanup_s,
                              "thru": thru, "dd": dd_like, "ceiling": ceiling, "bytes": asyn.bytes,
-                             "emergency": emergency.stall_s, "stall/plain": asyn.stall_s / plain,
+                             "emergency": emergency.write_s, "em/ceiling": emergency.write_s / (emergency.bytes / ceiling_one_copy),
+                             "stall/plain": asyn.stall_s / plain,
                              "thru/dd": thru / dd_like, "thru/ceiling": thru / ceiling})
         m_ = {k: med(row[k] for row in rows) for k in rows[0]}
         print(f"{size / 2**20:>6.0f}Mi {m_['plain']:>8.2f} {m_['sync']:>8.2f} {m_['stall']:>13.3f} "
               f"{m_['stall/plain']:>11.3f} {m_['write']:>8.2f} {m_['cleanup']:>9.2f} {m_['thru'] / 1e6:>7.0f} {m_['dd'] / 1e6:>12.0f} "
               f"{m_['thru/dd']:>12.2f} {m_['ceiling'] / 1e6:>12.0f} {m_['thru/ceiling']:>12.2f} "
-              f"{m_['bytes'] / size:>11.4f} {m_['emergency']:>11.2f}")
+              f"{m_['bytes'] / size:>11.4f} {m_['emergency']:>11.2f} {m_['em/ceiling']:>10.2f}")
         b = {k: med(row[k] for row in breakdown) for k in breakdown[0]}
         explained.append(f"{size / 2**20:>6.0f}Mi {b['write']:>8.2f} {b['ceiling']:>15.2f} {b['serialize']:>17.2f} "
                          f"{b['read-back']:>11.2f} {b['rest']:>8.2f}")
         for d in ("sync", "async", "em"):
             shutil.rmtree(base / d, ignore_errors=True)
     print("\nWhere the async writer's time goes (medians, seconds): the ceiling's time for the same bytes, then what")
-    print("only a checkpoint adds: torch.save's CPU work (pickling, zip CRC-32) and the read-back of both files;")
-    print("rest = write - the other three, per round (the disk's own swings land there too).")
+    print("only a checkpoint adds: torch.save's CPU work (pickling, zip CRC-32) and a read-back of both files, alone")
+    print("(the writer's own read-back runs beside its writes); rest = write - the other three, per round.")
     print(f"{'state':>8} {'write s':>8} {'ceiling time s':>15} {'torch.save CPU s':>17} {'read-back s':>11} {'rest s':>8}")
     print("\n".join(explained))
     shutil.rmtree(base, ignore_errors=True) if args.dir is None else None

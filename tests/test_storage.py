@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_improved.checkpoint import fileformat, storage
+from train_improved.checkpoint import fileformat, storage, stream
 from train_improved.checkpoint.fileformat import (
     CheckpointWriteError,
     CorruptCheckpointError,
@@ -42,7 +42,7 @@ def test_written_file_loads_with_plain_torch_and_carries_its_footer(tmp_path: Pa
     assert not temp_files(tmp_path)
 
 
-@pytest.mark.parametrize("phase", ["serialize", "fsync", "verify", "rename", "fsync_dir"])
+@pytest.mark.parametrize("phase", ["serialize", "write", "fsync", "verify", "rename", "fsync_dir"])
 def test_failure_at_each_write_phase_leaves_old_file_identical_and_no_temp(tmp_path: Path, monkeypatch, phase) -> None:
     path = tmp_path / "latest.pt"
     write_checkpoint(path, state(1), {"step": 1})
@@ -51,12 +51,13 @@ def test_failure_at_each_write_phase_leaves_old_file_identical_and_no_temp(tmp_p
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    target = {"serialize": (torch, "save"), "fsync": (os, "fsync"), "rename": (os, "replace"),
-              "fsync_dir": (storage, "fsync_dir"), "verify": (fileformat, "_hash_open")}[phase]
-    if phase == "verify":
-        monkeypatch.setattr(fileformat, "_hash_open", lambda *a, **k: "0" * 32)
-    else:
-        monkeypatch.setattr(*target, boom)
+    def stored_differently(fd: int, data: memoryview) -> None:  # the disk keeps other bytes than were sent
+        real_write_all(fd, bytes([data[0] ^ 0xFF]) + bytes(data[1:]))
+
+    real_write_all = stream._write_all
+    target = {"serialize": (torch, "save"), "write": (os, "write"), "fsync": (os, "fsync"), "rename": (os, "replace"),
+              "fsync_dir": (storage, "fsync_dir"), "verify": (stream, "_write_all")}[phase]
+    monkeypatch.setattr(*target, stored_differently if phase == "verify" else boom)
     with pytest.raises(CheckpointWriteError) as err:
         write_checkpoint(path, state(2), {"step": 2})
     assert "latest.pt" in str(err.value)
@@ -67,6 +68,29 @@ def test_failure_at_each_write_phase_leaves_old_file_identical_and_no_temp(tmp_p
     else:
         assert path.read_bytes() == before
     assert not temp_files(tmp_path)
+
+
+def test_a_backup_that_reads_back_differently_fails_the_save_before_any_rename(tmp_path: Path, monkeypatch) -> None:
+    # The file and its backup are written in one pass and read back beside the writes (stream.py): a byte
+    # that reaches only the backup's pages wrongly, 20 MiB in (the third read-back range), is caught.
+    path, backup = tmp_path / "latest.pt", tmp_path / "latest_backup.pt"
+    real_write_all = stream._write_all
+    offsets: dict[int, int] = {}  # per descriptor, in the order written: the file's, then the backup's
+
+    def damage_the_backup(fd: int, data: memoryview) -> None:
+        start = offsets.setdefault(fd, 0)
+        offsets[fd] = start + len(data)
+        if fd == list(offsets)[-1] and len(offsets) == 2 and start <= 20 << 20 < start + len(data):
+            damaged = bytearray(data)
+            damaged[(20 << 20) - start] ^= 0x01
+            data = memoryview(damaged)
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(stream, "_write_all", damage_the_backup)
+    big = {"w": torch.arange(8 << 20, dtype=torch.float32)}  # 32 MiB
+    with pytest.raises(CheckpointWriteError, match="did not verify"):
+        write_checkpoint(path, big, {"step": 1}, copies=[backup])
+    assert not path.exists() and not backup.exists() and not temp_files(tmp_path)
 
 
 def flip(path: Path, offset: int) -> None:
@@ -159,13 +183,13 @@ def test_stale_temp_files_are_cleaned(tmp_path: Path) -> None:
 def test_a_file_larger_than_the_writeback_chunk_is_written_whole(tmp_path: Path, monkeypatch) -> None:
     # Files over 32 MiB are handed to the disk in chunks while torch.save still runs (sync_file_range).
     calls = []
-    real = storage.start_writeback
+    real = stream.start_writeback
 
     def spy(fd: int, off: int, n: int) -> None:
         calls.append((off, n))
         real(fd, off, n)
 
-    monkeypatch.setattr(storage, "start_writeback", spy)
+    monkeypatch.setattr(stream, "start_writeback", spy)
     big = {"w": torch.arange(12 << 20, dtype=torch.float32)}  # 48 MiB
     path = tmp_path / "big.pt"
     write_checkpoint(path, big, {"step": 1}, copies=[tmp_path / "big_backup.pt"])

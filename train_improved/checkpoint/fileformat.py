@@ -34,6 +34,9 @@ _EOCD_SIGNATURE = b"PK\x05\x06"
 _EOCD_SIZE = 22  # zip end-of-central-directory record without its comment
 _TAIL = struct.Struct("<I16s8s")  # footer JSON length, xxh3-64 of the JSON (hex), magic
 _MAX_COMMENT = 0xFFFF
+# The payload's last bytes: the zip comment length, written with the footer after the digest was
+# taken over the stream (where it was 0). Every digest check hashes them as zeros.
+ZIP_COMMENT_LENGTH_BYTES = 2
 _READ_CHUNK = 8 << 20
 T = TypeVar("T")
 
@@ -193,8 +196,7 @@ class StreamDigest:
 
     @classmethod
     def of_checkpoint(cls, meta: dict[str, Any]) -> StreamDigest:
-        # The digest was taken while torch.save wrote, when the zip comment length was still 0.
-        return cls(meta["payload_bytes"] - 2, b"\x00\x00")
+        return cls(meta["payload_bytes"] - ZIP_COMMENT_LENGTH_BYTES, bytes(ZIP_COMMENT_LENGTH_BYTES))
 
     def update(self, chunk: bytes | memoryview) -> None:
         if self._left > 0:
@@ -229,8 +231,19 @@ def verify_stream(f: BinaryIO, size: int, expected_digest: str | None = None) ->
     `expected_digest`).
     """
     meta = _read_footer(f, size)
-    # The digest was taken while torch.save wrote, when the zip comment length was still 0.
-    actual = _hash_open(f, meta["payload_bytes"] - 2, tail=b"\x00\x00")
+    actual = _hash_open(f, meta["payload_bytes"] - ZIP_COMMENT_LENGTH_BYTES, tail=bytes(ZIP_COMMENT_LENGTH_BYTES))
+    return _check_digest(meta, actual, expected_digest)
+
+
+def check_read_back(f: BinaryIO, size: int, read_back_digest: str, expected_digest: str) -> dict[str, Any]:
+    """`verify_stream` for a file whose payload was already read back and hashed (as it was written).
+
+    Reads and checks only the footer; returns it. Raises CorruptCheckpointError.
+    """
+    return _check_digest(_read_footer(f, size), read_back_digest, expected_digest)
+
+
+def _check_digest(meta: dict[str, Any], actual: str, expected_digest: str | None) -> dict[str, Any]:
     if actual != meta["digest"]:
         raise CorruptCheckpointError(f"checksum mismatch (stored {meta['digest'][:12]}…, actual {actual[:12]}…)")
     if expected_digest is not None and actual != expected_digest:

@@ -1,8 +1,8 @@
 """Crash-safe write primitives: the only module that calls fsync, os.replace and os.link.
 
 Write sequence (`write_checkpoint`): temporary name in the same directory -> stream `torch.save`
-through a hashing writer -> attach footer -> flush -> fsync -> read back and compare digest ->
-rename -> fsync directory. Any failure removes the temporary file and raises `CheckpointWriteError`.
+through the write pipeline (`stream`: hashed, written, and read back as it goes) -> attach footer
+-> fsync -> compare the read-back digest -> rename -> fsync directory. Any failure removes the temporary file and raises `CheckpointWriteError`.
 The format itself (footer, digests, safe loading) lives in `fileformat`.
 
 A sharded checkpoint is a directory (see `fileformat`): its DCP files are already written and
@@ -27,22 +27,23 @@ from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import xxhash
+from typing import Any
 
 from .fileformat import (
     DIGEST_ALGORITHM,
     FORMAT_VERSION,
     STATE_FILE,
+    ZIP_COMMENT_LENGTH_BYTES,
     CheckpointWriteError,
     CorruptCheckpointError,
+    check_read_back,
     describe_os_error,
     encode_footer,
     hash_file,
     read_footer,
     verify_file,
 )
+from .stream import StreamWriter, libc_function
 
 TEMP_PREFIX = ".tmp-"  # temporary files never carry a final name, and are hidden from `ls`
 _NO_HARD_LINKS = (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP)
@@ -125,67 +126,6 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
-_WRITEBACK_CHUNK = 32 << 20
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _libc_function(name: str) -> Any:
-    """A libc function by name (with errno), or None where this platform has none (not Linux, old libc)."""
-    try:
-        return getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (AttributeError, OSError):
-        return None
-
-
-_sync_file_range = _libc_function("sync_file_range")  # None: the final fsync does all the work
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing a range to disk now, without waiting (Linux sync_file_range).
-
-    While torch.save produces the rest of the file, the disk is already busy with what came
-    before, so the final fsync finds little left to do (RocksDB's bytes_per_sync does the same).
-    This is only a hint: durability still comes from the fsync.
-    """
-    global _sync_file_range
-    if _sync_file_range is None:
-        return
-    if _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
-        err = ctypes.get_errno()
-        if err in (errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.ENOTSUP, errno.EOPNOTSUPP):
-            _sync_file_range = None  # this platform or filesystem does not take the hint
-            return
-        raise OSError(err, os.strerror(err))
-
-
-class _HashingWriter:
-    """File-like sink for torch.save that hashes every byte on its way to one or more files."""
-
-    def __init__(self, raws: Sequence[BinaryIO]) -> None:
-        self.raws = raws
-        self.hasher = xxhash.xxh3_128()
-        self.bytes_written = 0
-        self._flushed_to = 0  # bytes already handed to the disk with start_writeback
-
-    def write(self, data: bytes | memoryview) -> int:
-        self.hasher.update(data)
-        for raw in self.raws:
-            n = raw.write(data)
-        self.bytes_written += n
-        if self.bytes_written - self._flushed_to >= _WRITEBACK_CHUNK:
-            for raw in self.raws:
-                raw.flush()
-                start_writeback(raw.fileno(), self._flushed_to, self.bytes_written - self._flushed_to)
-            self._flushed_to = self.bytes_written
-        return n
-
-    def flush(self) -> None:
-        for raw in self.raws:
-            raw.flush()
-
-
 @contextmanager
 def _temporary_for(final: Path, action: str) -> Iterator[Path]:
     """A temporary path beside `final`; on any failure it is removed and the error says what failed."""
@@ -230,23 +170,30 @@ def write_checkpoint(
                 _fill_with_shards(tmp, shards, copy=i > 0, verify=verify)
         files = [tmp / STATE_FILE if shards is not None else tmp for tmp in tmps]
         with ExitStack() as opened:
-            raws = [opened.enter_context(open(f, "xb")) for f in files]
-            writer = _HashingWriter(raws)
-            torch.save(obj, writer)
-            payload = writer.bytes_written
-            footer_meta = dict(meta, format_version=FORMAT_VERSION, algorithm=DIGEST_ALGORITHM,
-                               digest=writer.hasher.hexdigest(), payload_bytes=payload)
-            footer = encode_footer(footer_meta)
-            for raw in raws:
-                raw.seek(payload - 2)
-                raw.write(struct.pack("<H", len(footer)))  # the zip comment now covers the footer
-                raw.write(footer)
-                raw.flush()
-                # After a failed fsync Linux may drop the dirty pages: the file is abandoned, never retried.
-                fsync(raw.fileno())
-        if verify:
-            for f in files:
-                verify_file(f, expected_digest=footer_meta["digest"])
+            fds = [os.open(f, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666) for f in files]
+            for fd in fds:
+                opened.callback(os.close, fd)
+            writer = StreamWriter(fds, read_back=verify)
+            try:
+                torch.save(obj, writer)
+                payload, digest = writer.close()
+                footer_meta = dict(meta, format_version=FORMAT_VERSION, algorithm=DIGEST_ALGORITHM,
+                                   digest=digest, payload_bytes=payload)
+                footer = encode_footer(footer_meta)
+                # The zip comment (its length is the payload's last bytes) now covers the footer.
+                tail = struct.pack("<H", len(footer)) + footer
+                for fd in fds:
+                    os.pwrite(fd, tail, payload - ZIP_COMMENT_LENGTH_BYTES)
+                    # After a failed fsync Linux may drop the dirty pages: the file is abandoned, never retried.
+                    fsync(fd)
+                if verify:
+                    read_back = writer.read_back_digest()
+                    for fd in fds:
+                        with open(fd, "rb", closefd=False) as f:
+                            check_read_back(f, payload + len(footer), read_back, digest)
+            except BaseException:
+                writer.abandon()
+                raise
         if shards is not None:
             for tmp in tmps:
                 fsync_dir(tmp)
@@ -328,7 +275,7 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-_renameat2 = _libc_function("renameat2")  # None: not Linux, or a libc older than 2.28
+_renameat2 = libc_function("renameat2")  # None: not Linux, or a libc older than 2.28
 
 
 def _exchange(a: Path, b: Path) -> bool:
