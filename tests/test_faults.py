@@ -265,20 +265,28 @@ def test_injected_fsync_errors_in_a_real_process(tmp_path: Path, text_file: Path
 
 
 def test_syscall_order_of_a_real_save(tmp_path: Path, text_file: Path) -> None:
-    """Every committed file is fsynced before its rename, the directory right after it, and old files are
-    deleted only once the new latest is durable."""
+    """Every committed file is fsynced and read back before its rename, the directory fsynced right after it, and
+    old files are deleted only once the new latest is durable."""
     if not shutil.which("strace"):
         pytest.skip("strace is not installed")
     log = tmp_path / "trace.txt"
-    cmd = ["strace", "-f", "-qq", "-e", "trace=openat,fsync,rename,renameat,renameat2,unlink,unlinkat,link,linkat",
+    cmd = ["strace", "-f", "-qq", "-e", "trace=openat,fsync,mmap,rename,renameat,renameat2,unlink,unlinkat,link,linkat",
            "-o", str(log), sys.executable, "-m", "train_improved", "--data", str(text_file), *TINY,
            "--max-steps", "8", "--keep-checkpoints", "1"]
     subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=300)
     fd_path: dict[str, str] = {}  # threads share descriptors: key by fd alone (one process)
     synced: set[str] = set()
+    read_back: set[str] = set()  # the read-back maps each range of the file it checks (checkpoint/stream.py)
     events = []
+    unfinished: dict[str, str] = {}  # a thread's call that strace split around another thread's
     for line in log.read_text().splitlines():
-        call = line.partition(" ")[2].strip()
+        pid, _, call = line.partition(" ")
+        call = call.strip()
+        if call.endswith("<unfinished ...>"):
+            unfinished[pid] = call.removesuffix("<unfinished ...>").rstrip()
+            continue
+        if call.startswith("<... ") and " resumed>" in call:
+            call = unfinished.pop(pid, "") + call.split(" resumed>", 1)[1]
         if call.startswith("openat(") and "= " in call and '"' in call:
             fd_path[call.rsplit("= ", 1)[1].split()[0]] = call.split('"')[1]
         elif call.startswith("fsync("):
@@ -289,9 +297,13 @@ def test_syscall_order_of_a_real_save(tmp_path: Path, text_file: Path) -> None:
                 events.append(("fsync", Path(path).name))
                 if call.endswith("= 0"):
                     synced.add(Path(path).name)
+        elif call.startswith("mmap(") and ", MAP_SHARED, " in call:
+            path = fd_path.get(call.split(", MAP_SHARED, ")[1].split(",")[0], "?")
+            if ".tmp-" in path:
+                read_back.add(Path(path).name)
         elif call.startswith(("rename", "renameat")) and ".tmp-" in call:
             src, dst = call.split('"')[1], call.split('"')[3]
-            events.append(("rename", Path(src).name, Path(dst).name))
+            events.append(("rename", Path(src).name, Path(dst).name, Path(src).name in read_back))
         elif call.startswith("unlink") and "rolling_step_" in call and call.endswith("= 0"):
             events.append(("unlink", Path(call.split('"')[1]).name))
     renames = [e for e in events if e[0] == "rename"]
@@ -299,9 +311,10 @@ def test_syscall_order_of_a_real_save(tmp_path: Path, text_file: Path) -> None:
     for i, event in enumerate(events):
         if event[0] != "rename":
             continue
-        src, dst = event[1], event[2]
-        if not dst.startswith(("latest", "best_model_previous")):  # hard links share an fsynced inode
+        src, dst, was_read_back = event[1:]
+        if not dst.startswith(("latest", "best_model_previous")):  # hard links share an fsynced, verified inode
             assert src in synced, f"{dst} renamed before its temp file was fsynced"
+            assert was_read_back, f"{dst} renamed before its temp file was read back"
         assert ("fsync", "dir") in events[i + 1:i + 3], f"directory not fsynced right after {dst}"
     # Retention deletes an old rolling file only once the new latest is renamed in and made durable.
     unlinks = [i for i, e in enumerate(events) if e[0] == "unlink"]
