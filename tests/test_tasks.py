@@ -19,7 +19,7 @@ import torch
 
 from train_improved.checkpoint import load_checkpoint, read_footer
 
-from conftest import ROOT, read_metrics, run_train, step_losses, train_in_process, wait_for_step
+from conftest import ROOT, invoke_train, read_metrics, run_train, step_losses, train_in_process, wait_for_step
 
 DIGITS = str(ROOT / "examples" / "digits.py")
 STEPS = 60  # 1437 training images / 32 = 44 steps per epoch: the run crosses one epoch boundary
@@ -183,6 +183,18 @@ def test_a_bad_task_is_one_line_exit_1_and_nothing_written(case: str, tmp_path: 
     assert message in err, err
     assert err.strip().startswith("error: --task task.py") and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["task.py"]
+
+
+def test_sample_length_reaches_a_tasks_sample(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # sample() is an optional task function, so --sample-length is an option of any task that has one.
+    (tmp_path / "task.py").write_text(textwrap.dedent(GOOD) + textwrap.dedent("""
+        def sample(model, length, seed):
+            return f"asked for {length} with seed {seed}"
+        """))
+    result = invoke_train("--task", "task.py", "--max-steps", "2", "--batch-size", "8", "--seed", "4",
+                          "--sample-length", "7", cwd=tmp_path, monkeypatch=monkeypatch)
+    assert result.exit_code == 0, result.stderr
+    assert "asked for 7 with seed 4" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("args, message", [

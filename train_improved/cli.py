@@ -135,7 +135,8 @@ def train(
                                                       "terminal, e.g. in a batch job's log (e.g. 60s, 5m).")] = None,
     metrics_file: Annotated[Str, _opt("metrics-file", "JSON-lines metrics file (default <log-dir>/metrics.jsonl).")] = None,
     use_tensorboard: Annotated[Bool, _opt("use-tensorboard/--no-use-tensorboard", "Also write TensorBoard event files to --log-dir.")] = None,
-    sample_length: Annotated[Int, _opt("sample-length", "Bytes of text to sample from the best model at the end.")] = None,
+    sample_length: Annotated[Int, _opt("sample-length", "Length of the sample from the best model at the end (bytes of text for the built-in GPT; "
+                         "passed to a task's sample()); 0: none.")] = None,
     resume: Annotated[Str, typer.Option("--resume", rich_help_panel="Resume", help="latest, best, auto (resume if possible, else start "
                                                          "fresh), a file name in --checkpoint-dir, or a path.")] = None,
     init_from: Annotated[Str, typer.Option("--init-from", rich_help_panel="Resume", help="Start a new run from this checkpoint's weights "

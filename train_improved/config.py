@@ -80,7 +80,7 @@ class TrainConfig:
     log_interval: float = 60.0  # seconds between progress lines when stderr is not a terminal (a batch log)
     metrics_file: str | None = None  # None: <log_dir>/metrics.jsonl
     use_tensorboard: bool = False
-    sample_length: int = 300  # bytes of text sampled from the best model at the end; 0 disables
+    sample_length: int = 300  # the length asked of the sample from the best model at the end (the GPT: bytes); 0 disables
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,7 +122,7 @@ class TrainConfig:
 
 OPTION_NAMES = [f.name for f in fields(TrainConfig)]
 # The built-in GPT's own options: a --task brings its model and data, so these would be silently ignored.
-GPT_OPTIONS = ("data", "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "dropout", "sample_length")
+GPT_OPTIONS = ("data", "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "dropout")
 METRICS = ("val_loss", "train_loss")  # what the trainer measures, so what --metric may name
 ENV_VARS = {"CHECKPOINT_DIR": "checkpoint_dir", "CHECKPOINT_KEEP_LAST": "keep_checkpoints",
             "CHECKPOINT_FREQ": "checkpoint_freq", "CHECKPOINT_MIRROR": "mirror",
