@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_improved.checkpoint import read_footer, verify_file
+from train_improved.checkpoint import CheckpointManager, CheckpointOptions, read_footer, verify_file
+from train_improved.checkpoint.fileformat import ShardsOnMirrorError, hash_file
 from train_improved.checkpoint.sharded import load_model_state
+from train_improved.listing import collect
 
 from conftest import CORPUS_BYTES, TINY, corpus_bytes, read_metrics, step_losses, wait_for_step
 
@@ -265,3 +267,33 @@ def test_a_shard_write_failing_on_one_rank_reaches_every_rank_and_the_next_save_
                for line in lines), proc.stdout
     assert "step 2: committed" in lines and "latest step 2" in lines
     assert not list((tmp_path / "ck").glob(".tmp-*"))
+
+
+def test_shards_uploaded_by_the_rank_that_wrote_them_and_collected_when_the_mirror_fails(tmp_path: Path) -> None:
+    """Nodes with disks of their own and a mirror (ShardWriter(upload=)), two ranks with a staging directory
+    each: a save during an outage of rank 1's mirror is collected on rank 0 (whole here), the next one
+    leaves rank 1's shard only on the bucket (listed as such), and a restore fetches it from there."""
+    worker = Path(__file__).parent / "shard_upload_worker.py"
+    ck, bucket = tmp_path / "ck", f"file://{tmp_path / 'bucket'}"
+    proc = subprocess.run([*torchrun()[:-2], str(worker), str(ck), bucket], env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["step 1: committed", "step 2: committed"], proc.stdout
+    assert "uploading shard file __1_0.distcp to the mirror failed: OSError" in proc.stderr
+    assert "rank 0 collects this save's shards instead" in proc.stderr
+    verify_file(ck / "rolling_step_000001.pt")  # collected: whole here
+    listed = read_footer(ck / "latest.pt")["shards"]
+    assert {n for n, f in listed.items() if f.get("on_mirror")} == {"__1_0.distcp"}
+    with pytest.raises(ShardsOnMirrorError):
+        verify_file(ck / "latest.pt")
+    assert hash_file(tmp_path / "bucket" / "objects" / f"{listed['__1_0.distcp']['digest']}.shard") == \
+        listed["__1_0.distcp"]["digest"]
+    assert not any(p.is_file() for p in (tmp_path / "own_disk_1").rglob("*"))  # uploaded, then removed
+    rows = {r["name"]: r["status"] for r in collect(ck, verify=True)["checkpoints"]}
+    assert rows["rolling_step_000001.pt"] == "verified"
+    assert rows["rolling_step_000002.pt"].startswith("verified here; holds 2 of its 3 shard files here"), rows
+
+    with CheckpointManager(ck, CheckpointOptions(mirror=bucket)) as m:
+        state, info = m.restore("latest")
+    assert state["step"] == 2 and info.step == 2
+    assert verify_file(ck / "latest.pt")["step"] == 2  # whole here now: fetched and verified

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_improved.checkpoint import load_checkpoint
+from train_improved.checkpoint import load_checkpoint, read_footer, verify_file
+from train_improved.checkpoint.fileformat import ShardsOnMirrorError
+from train_improved.checkpoint.remote import RemoteStore
 
 from conftest import CORPUS_BYTES, TINY, corpus_bytes, run_train, step_losses, wait_for_step
 
@@ -117,10 +119,12 @@ def whole_sharded_checkpoints(disk: Path, ranks: int = 2) -> list[str]:
 
 @needs_namespaces
 def test_fsdp_on_two_nodes_without_a_shared_disk(s3, tmp_path: Path) -> None:
-    """--fsdp on node-local disks: rank 0 collects the other node's shards at every save, so node 0's store
-    holds each checkpoint whole and node 1 keeps nothing. SIGTERM to node 0's agent, then a resume on both
-    nodes (node 1 receives the checkpoint from rank 0): every loss bitwise. And with --mirror, both disks
-    lost: the job resumes on one node from the bucket alone (2 ranks to 1: within 1e-4)."""
+    """--fsdp on node-local disks, no mirror: rank 0 collects the other node's shards at every save, so node
+    0's store holds each checkpoint whole and node 1 keeps nothing. SIGTERM to node 0's agent, then a resume on
+    both nodes (node 1 receives the checkpoint from rank 0): every loss bitwise.
+    With --mirror, each node uploads its own shards instead and the bucket alone holds checkpoints whole:
+    SIGTERM, a resume on both nodes from their disks as they are (node 1's shard fetched from the bucket):
+    bitwise; SIGTERM again, both disks lost: the job resumes on one node from the bucket (2 ranks to 1: 1e-4)."""
     fsdp = ["--fsdp", *ARGS]
     reference, victim = reference_and_victim(tmp_path, *fsdp)
     theirs = step_losses(reference / "runs" / "metrics.jsonl")
@@ -138,10 +142,19 @@ def test_fsdp_on_two_nodes_without_a_shared_disk(s3, tmp_path: Path) -> None:
     mirrored.mkdir()
     (mirrored / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
     args = [*fsdp, "--mirror", "s3://bucket/fsdp", "--mirror-options", s3.options()]
-    out = run_both(mirrored, *args, stop_at=random.randint(6, 18))
+    first_stop = random.randint(6, 12)
+    out = run_both(mirrored, *args, stop_at=first_stop)
     assert out[0].startswith(f"exit {128 + signal.SIGTERM}") or out[0].startswith("exit 1"), out
-    manifest = s3.store("s3://bucket/fsdp").manifest()
-    assert all(shard_files() <= set(e.files or {}) for e in manifest.values())
+    assert "each node uploads its shards to the mirror" in out[0], out[0][-3000:]
+    assert_each_node_uploaded_its_own(mirrored, s3.store("s3://bucket/fsdp"))
+    # Both disks as they are: rank 0 fetches node 1's shard files from the bucket, then node 1 receives the
+    # whole checkpoint from rank 0. Stopped again further on.
+    out = run_both(mirrored, *args, "--resume", "latest", stop_at=random.randint(first_stop + 3, 20))
+    assert out[0].startswith(f"exit {128 + signal.SIGTERM}") or out[0].startswith("exit 1"), out
+    assert "shard file(s) written by other nodes from the mirror" in out[0]
+    resumed = step_losses(mirrored / "runs" / "metrics.jsonl")
+    assert resumed == {step: theirs[step] for step in resumed}, "bitwise, before and after the first stop"
+    manifest = assert_each_node_uploaded_its_own(mirrored, s3.store("s3://bucket/fsdp"))
     stopped = manifest["latest.pt"].step
     for disk in ("disk_0", "disk_1"):  # both machines gone
         shutil.rmtree(mirrored / disk)
@@ -152,6 +165,27 @@ def test_fsdp_on_two_nodes_without_a_shared_disk(s3, tmp_path: Path) -> None:
     assert sorted(second_life) == list(range(stopped + 1, STEPS + 1))
     for step, loss in second_life.items():  # 1 rank now: only the reduction order differs
         assert loss == pytest.approx(theirs[step], rel=1e-4), step
+
+
+def assert_each_node_uploaded_its_own(cwd: Path, store: RemoteStore) -> dict:
+    """With --mirror, node 1 uploads its shard file itself: node 0's disk holds every checkpoint but that file
+    (its footer lists it as on the mirror), node 1's disk holds nothing, and every checkpoint the bucket
+    lists is whole there (every object present with its size). Returns the manifest."""
+    assert not any((cwd / "disk_1").iterdir())
+    local = sorted(p for p in (cwd / "disk_0").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert local
+    for checkpoint in local:
+        with pytest.raises(ShardsOnMirrorError, match="holds 2 of its 3 shard files here"):
+            verify_file(checkpoint)  # the two files here check out; the third is on the mirror
+        listed = read_footer(checkpoint)["shards"]
+        assert set(listed) == shard_files() and {n for n, f in listed.items() if f.get("on_mirror")} == {"__1_0.distcp"}
+    manifest = store.manifest()
+    assert "latest.pt" in manifest
+    for entry in manifest.values():
+        assert set(entry.files or {}) == shard_files(), entry.name
+        for f in entry.files.values():
+            assert store.fs.size(store._path(f["key"])) == f["bytes"], entry.name
+    return manifest
 
 
 @needs_namespaces
@@ -171,9 +205,10 @@ def test_fsdp_on_two_nodes_of_two_ranks_each_without_a_shared_disk(tmp_path: Pat
 
 @needs_namespaces
 def test_fsdp_node_1_lost_mid_run_leaves_only_whole_checkpoints_on_every_tier(s3, tmp_path: Path) -> None:
-    """kill -9 of node 1 (its agent and its rank) at a random step, with saves every 2 steps: whatever
-    the collection was doing, node 0's store and the bucket list only checkpoints holding both ranks'
-    shards, and the job relaunched on node 0 alone resumes from its own disk and finishes."""
+    """kill -9 of node 1 (its agent and its rank) at a random step, with saves every 2 steps: whatever its
+    upload was doing, the bucket lists only checkpoints whose every shard object is there, node 0's store
+    only checkpoints whose files here check out and whose other file is node 1's, uploaded, and the job
+    relaunched on node 0 alone resumes from its own disk (node 1's shard fetched from the bucket) and finishes."""
     (tmp_path / "corpus.txt").write_bytes(corpus_bytes(CORPUS_BYTES))
     args = ["--fsdp", *ARGS, "--checkpoint-freq", "2", "--mirror", "s3://bucket/fsdplost",
             "--mirror-options", s3.options()]
@@ -186,11 +221,16 @@ def test_fsdp_node_1_lost_mid_run_leaves_only_whole_checkpoints_on_every_tier(s3
     assert nodes[0].returncode != 0, err[0][-3000:]  # its peer is gone: the job stops
     assert not any((tmp_path / "disk_1").iterdir()) or all(p.name.startswith(".tmp") for p in
                                                            (tmp_path / "disk_1").iterdir())
-    local = whole_sharded_checkpoints(tmp_path / "disk_0")
+    local = [p for p in (tmp_path / "disk_0").iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert local, "no checkpoint was committed before node 1 was lost"
+    for checkpoint in local:
+        with pytest.raises(ShardsOnMirrorError, match="holds 2 of its 3 shard files here"):
+            verify_file(checkpoint)
     store = s3.store("s3://bucket/fsdplost")
-    assert all(shard_files() <= set(e.files or {})
-               for e in store.manifest().values())
+    for entry in store.manifest().values():
+        assert set(entry.files or {}) == shard_files(), entry.name
+        for f in entry.files.values():
+            assert store.fs.size(store._path(f["key"])) == f["bytes"], entry.name
     listed = run_train("--list-checkpoints", "--mirror", "s3://bucket/fsdplost", "--mirror-options", s3.options(),
                        "--verify", "--checkpoint-dir", str(tmp_path / "disk_0"), cwd=tmp_path)
     assert listed.returncode == 0, listed.stdout + listed.stderr

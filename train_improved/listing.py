@@ -23,6 +23,7 @@ from rich.table import Table
 
 from .checkpoint import CheckpointError, CheckpointManager, Family, load_checkpoint, verify_file
 from .checkpoint.fallback import current_line
+from .checkpoint.fileformat import ShardsOnMirrorError
 from .checkpoint.inventory import Entry
 from .checkpoint.layout import BACKUP_NAMES, HISTORY, LATEST, parse_name
 from .checkpoint.lineage import Line
@@ -65,6 +66,8 @@ def _row(info: CheckpointInfo, times: dict[tuple[str, str], float],
             verify_file(info.path)
             load_checkpoint(info.path, map_location="meta", shards=False, verify=False)  # loadable, not just intact
             status = "verified"
+        except ShardsOnMirrorError as e:  # nodes with disks of their own: whole only on the mirror
+            status = f"verified here; {e}"
         except CheckpointError as e:
             status = f"BAD: {e}"
     origin = info.meta.get("name")

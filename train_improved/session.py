@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -82,11 +83,7 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
     from .signals import GracefulStop
     from .trainer import NoProgress, Trainer
 
-    # --fsdp on nodes without a shared directory: rank 0 collects every rank's shards as they are written.
-    collect = pre.fsdp and d.enabled and not _directory_is_shared(d, Path(pre.checkpoint_dir))
-    if collect and d.is_main:
-        err_console.print(f"--fsdp: not every node sees {pre.checkpoint_dir} (disks of their own): rank 0 collects "
-                          "the shards of every save over the process group", highlight=False, soft_wrap=True)
+    own_disks = pre.fsdp and d.enabled and not _directory_is_shared(d, Path(pre.checkpoint_dir))
     manager, state, info = _choose_checkpoint(d, pre, resume)
     code = 1
     try:
@@ -104,7 +101,9 @@ def _run(d: distributed.Dist, given: dict[str, Any], resume: str | None, config_
                           console=Console(stderr=True, quiet=not d.is_main))
         # Data and model are built, and so checked, before a fresh run writes anything.
         progress = RichProgress(log_interval=cfg.log_interval) if d.is_main else NoProgress()
-        trainer = Trainer(cfg, progress=progress, task=task, collect_shards=collect)
+        upload = _shards_from_their_nodes(d, cfg, manager) if own_disks else None
+        trainer = Trainer(cfg, progress=progress, task=task, collect_shards=own_disks and upload is None,
+                          upload_shards=upload)
         if task is not None:
             config.check_best_metric(cfg, trainer.workload.metric_names)
         if state is not None:
@@ -173,6 +172,31 @@ def _resolve_with_task(given: dict[str, Any], config_file: str | None, stored: d
     cfg = config.resolve(cli=given, environ=os.environ, config_file=config_file, stored=stored,
                          task_defaults=defaults).with_absolute_paths()
     return dataclasses.replace(cfg, task_options=options_as_dict(task)), task
+
+
+def _shards_from_their_nodes(d: distributed.Dist, cfg: TrainConfig, manager: CheckpointManager | None
+                             ) -> Callable[[Path, str], None] | None:
+    """--fsdp on nodes without a shared directory: how the shards of each save reach one place.
+
+    With a mirror, each node uploads the shard files it wrote (returned: the upload), and rank 0's
+    store lists them as on the mirror; without one, rank 0 collects them (None).
+    """
+    if not cfg.mirror:
+        if d.is_main:
+            err_console.print(f"--fsdp: not every node sees {cfg.checkpoint_dir} (disks of their own): rank 0 "
+                              "collects the shards of every save over the process group", highlight=False,
+                              soft_wrap=True)
+        return None
+    if d.is_main:
+        err_console.print(f"--fsdp: not every node sees {cfg.checkpoint_dir} (disks of their own): each node "
+                          f"uploads its shards to the mirror, and {cfg.checkpoint_dir} here holds this node's",
+                          highlight=False, soft_wrap=True)
+        # The mirror's start-up sweep removes objects no manifest lists: done before any node uploads.
+        if manager is not None and not manager.open_mirror(wait=60.0):
+            err_console.print("warning: the mirror did not open within 60 s; the first save's shards may not reach it",
+                              highlight=False, soft_wrap=True)
+    distributed.gather(d, None)  # every node waits for that sweep
+    return RemoteStore.open(cfg.mirror, cfg.mirror_storage_options(), check_writable=False).upload_shard
 
 
 def _directory_is_shared(d: distributed.Dist, directory: Path) -> bool:

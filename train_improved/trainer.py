@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,11 +84,12 @@ def micro_batch_seed(seed: int, step: int, k: int) -> int:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, progress: Progress | None = None, task: Task | None = None,
-                 collect_shards: bool = False) -> None:
+                 collect_shards: bool = False, upload_shards: Callable[[Path, str], None] | None = None) -> None:
         """Build data, model and optimizer of `task` (None: the built-in GPT); nothing is written until `run()`.
 
-        `collect_shards`: under --fsdp on nodes that do not share the checkpoint directory, rank 0
-        collects every rank's shards (`sharded.ShardWriter(collect=True)`)."""
+        Under --fsdp on nodes that do not share the checkpoint directory, `collect_shards`: rank 0
+        collects every rank's shards (`sharded.ShardWriter(collect=True)`); or `upload_shards`: each
+        node uploads its own to the mirror with it (`sharded.ShardWriter(upload=)`)."""
         self.cfg = cfg
         self.progress = progress or NoProgress()
         self.dist = distributed.from_environment()
@@ -124,7 +126,7 @@ class Trainer:
                               "(torchrun --nproc_per_node N -m train_improved --fsdp ...)")
         self.model = parallel.wrap(self.raw_model, self.dist, fsdp=cfg.fsdp, units=self.workload.shard_units())
         # Under --fsdp every rank writes its own shards, in the background: see _checkpoint.
-        self.shard_writer = sharded.ShardWriter(collect=collect_shards) if cfg.fsdp else None
+        self.shard_writer = sharded.ShardWriter(collect=collect_shards, upload=upload_shards) if cfg.fsdp else None
         # Checkpoints always hold the raw module's state_dict: no "_orig_mod." or "module." prefix.
         if cfg.compile:
             self.model = torch.compile(self.model)

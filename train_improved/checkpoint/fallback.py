@@ -114,13 +114,15 @@ def latest_first(checkpoints: list[Any]) -> list[tuple[Any, str]]:
 
 
 def load_first_valid(chain: list[Candidate], directory: Path, map_location: Any = "cpu",
-                     on_failure: Callable[[Path, str], None] | None = None, safe_globals: list[Any] | None = None
-                     ) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+                     on_failure: Callable[[Path, str], None] | None = None, safe_globals: list[Any] | None = None,
+                     prepare: Callable[[Path], None] | None = None) -> tuple[dict[str, Any], Path, dict[str, Any]]:
     """Load the first candidate that verifies, saying loudly why each one before it failed.
 
     Returns (state, path, footer). Raises NoCheckpointError if `chain` is empty and
     CheckpointError, a summary line then every file and why, if none verifies. `on_failure(path,
-    reason)` is told of each file that failed verification.
+    reason)` is told of each file that failed verification. `prepare(path)` runs before each
+    candidate is loaded (fetching the shard files a sharded checkpoint keeps on the mirror); its
+    CorruptCheckpointError is that candidate's failure.
     """
     if not chain:
         raise NoCheckpointError(f"no checkpoint to resume from in {directory}")
@@ -128,6 +130,8 @@ def load_first_valid(chain: list[Candidate], directory: Path, map_location: Any 
     for i, candidate in enumerate(chain):
         path = candidate.path
         try:
+            if prepare is not None:
+                prepare(path)
             state, footer = fileformat.load_checkpoint(path, map_location=map_location, safe_globals=safe_globals)
         except (CorruptCheckpointError, UnsafeCheckpointError) as e:
             failures.append(f"  {path.name}: {e}")

@@ -53,6 +53,10 @@ class UnsafeCheckpointError(CheckpointError):
     """The file would need arbitrary code to unpickle; it was refused and nothing ran."""
 
 
+class ShardsOnMirrorError(CorruptCheckpointError):
+    """A sharded checkpoint holds only some of its shard files here (each intact); the others are on the mirror."""
+
+
 class CheckpointWriteError(CheckpointError):
     """A save failed (disk full, I/O error, verification mismatch); earlier files are untouched."""
 
@@ -265,18 +269,30 @@ def _verify_shards(open_member: Callable[[str], BinaryIO], meta: dict[str, Any])
     listed = meta.get("shards")
     if not isinstance(listed, dict) or not listed:
         raise CorruptCheckpointError(f"{STATE_FILE} lists no shard files (damaged footer)")
-    for name, expected in sorted(listed.items()):
-        try:
-            f = open_member(name)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"shard file {name} is missing") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
+    opened: dict[str, BinaryIO] = {}
+    try:
+        for name in sorted(listed):  # all present before any is hashed: a missing file is said at once
+            try:
+                opened[name] = open_member(name)
+            except FileNotFoundError:
+                pass
+        absent = sorted(set(listed) - set(opened))
+        if missing := [name for name in absent if not listed[name].get("on_mirror")]:
+            raise CorruptCheckpointError(f"shard file {missing[0]} is missing")
+        for name, f in sorted(opened.items()):
+            size, expected = os.fstat(f.fileno()).st_size, listed[name]
             if size != expected["bytes"]:
                 raise CorruptCheckpointError(f"shard file {name} is {size} bytes, {expected['bytes']} were "
                                              "written (truncated?)")
             if _hash_open(f, size) != expected["digest"]:
                 raise CorruptCheckpointError(f"shard file {name}: checksum mismatch")
+        if absent:  # every file here checks out; the others are on the mirror
+            raise ShardsOnMirrorError(
+                f"holds {len(opened)} of its {len(listed)} shard files here; the other {len(absent)} were "
+                "uploaded to the mirror by the nodes that wrote them (with --mirror, a resume fetches them)")
+    finally:
+        for f in opened.values():
+            f.close()
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu", *, shards: bool = True,

@@ -359,6 +359,19 @@ class CheckpointManager:
                              retention=Retention.of(self.options), between_saves=self._committing)
         self.mirror.request()  # what the store already holds goes up first
 
+    def open_mirror(self, wait: float) -> bool:
+        """Take the mirror's prefix now rather than at the first save, and wait up to `wait` s for its first sync.
+
+        For nodes that upload shard files themselves: the mirror's start-up sweep of unlisted objects
+        must be over before they upload. Returns whether the sync finished; False without a mirror.
+        """
+        if self.remote is None or self.read_only:
+            return False
+        if self.mirror is None:
+            self.attach_mirror(self.remote)
+        assert self.mirror is not None
+        return self.mirror.request(wait=wait)
+
     def mirror_events(self) -> list[dict[str, Any]]:
         """Syncs the mirror finished since the last call (mirrored_step, upload_s, upload_bytes)."""
         events = []
@@ -535,7 +548,8 @@ class CheckpointManager:
         chain = fallback.candidates(self.directory, which, self.all() if which == "latest" else [])
         state, path, footer = fallback.load_first_valid(
             chain, self.directory, map_location, on_failure=None if self.read_only else self._record_failure,
-            safe_globals=[*self.options.safe_globals, *safe_globals])
+            safe_globals=[*self.options.safe_globals, *safe_globals],
+            prepare=self._fetch_shards_on_mirror if self.remote is not None and not self.read_only else None)
         if path.parent == self.directory:
             self.protect(path.name)  # retention must never delete the file this run resumed from
         line = Line.of(footer)
@@ -546,6 +560,11 @@ class CheckpointManager:
         self._seed_best()
         found = describe(path)
         return state, CheckpointInfo(path.name, path, found.family, found.size, found.inode, footer)
+
+    def _fetch_shards_on_mirror(self, path: Path) -> None:
+        # Nodes with disks of their own upload the shard files they write; this disk holds only its node's.
+        if path.is_dir() and self.remote is not None:
+            self.remote.complete_shards(path)
 
     def _record_failure(self, path: Path, reason: str) -> None:
         try:

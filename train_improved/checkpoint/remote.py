@@ -234,12 +234,60 @@ class RemoteStore:
             for name, expected in sorted(meta.get("shards", {}).items()):
                 if expected["digest"] in already_up:
                     continue
+                if expected.get("on_mirror"):  # uploaded and verified by the node that wrote it
+                    uploaded[expected["digest"]] = self._uploaded_shard(name, expected)
+                    continue
                 with open_member(name) as src:
                     size = os.fstat(src.fileno()).st_size
                     key = f"objects/{expected['digest']}.shard"
                     self._upload_object(src, size, StreamDigest(size), expected["digest"], key, footer=False)
                     uploaded[expected["digest"]] = ObjectRef(key, size)
         return uploaded
+
+    def upload_shard(self, path: Path, digest: str) -> None:
+        """Upload one shard file of a sharded checkpoint whose digest is known, verified; any rank may call this.
+
+        For nodes with disks of their own (`sharded.ShardWriter(upload=)`): each uploads the shard files
+        it wrote, and the manifest that lists them is written by rank 0's mirror only after every
+        node's upload has been verified.
+        """
+        with open(path, "rb") as src:
+            size = os.fstat(src.fileno()).st_size
+            self._upload_object(src, size, StreamDigest(size), digest, f"objects/{digest}.shard", footer=False)
+
+    def _uploaded_shard(self, name: str, expected: dict[str, Any]) -> ObjectRef:
+        key = f"objects/{expected['digest']}.shard"
+        try:
+            size = self.fs.size(self._path(key))
+        except FileNotFoundError:
+            size = None
+        if size != expected["bytes"]:
+            raise CorruptCheckpointError(f"shard file {name} was uploaded by the node that wrote it, but the mirror "
+                                         f"holds {'no' if size is None else f'a {size}-byte'} object for it")
+        return ObjectRef(key, expected["bytes"])
+
+    def complete_shards(self, path: Path) -> None:
+        """Download into the sharded checkpoint at `path` the shard files it lists as on the mirror and lacks.
+
+        Each is verified against its digest and linked in under its name; afterwards the directory
+        is whole here. Raises CorruptCheckpointError if the mirror does not hold one of them intact.
+        """
+        listed = fileformat.read_footer(path).get("shards") or {}
+        missing = {name: f for name, f in listed.items() if f.get("on_mirror") and not (path / name).exists()}
+        for name, f in sorted(missing.items()):
+            tmp = storage.temp_path_for(path / name)
+            try:
+                self._download_object(f"objects/{f['digest']}.shard", tmp)
+                if fileformat.hash_file(tmp) != f["digest"]:
+                    raise CorruptCheckpointError(f"shard file {name} on the mirror differs from what was uploaded")
+                storage.commit_temporary(tmp, path / name)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"shard file {name} is on neither this disk nor the mirror") from None
+            finally:
+                tmp.unlink(missing_ok=True)
+        if missing:
+            logger.warning("%s: fetched %d shard file(s) written by other nodes from the mirror %s", path.name,
+                           len(missing), mask(self.url))
 
     def _upload_checkpoint_file(self, src: BinaryIO) -> tuple[str, ObjectRef, dict[str, Any]]:
         size = os.fstat(src.fileno()).st_size

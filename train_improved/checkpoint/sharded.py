@@ -10,9 +10,10 @@ Every rank writes its own shard file with DCP (which fsyncs each file and writes
 last), in the background after a copy to host memory (`write_shards` does the same while the
 caller waits); then the ranks hash the files between them, so the store can record a digest of
 every file and commit the checkpoint directory only after all of them are durable. On nodes
-that do not share the directory (`ShardWriter(collect=True)`), the other nodes first send their
-shard files to rank 0 over the process group and delete them, so rank 0's store holds every
-checkpoint whole. Tensors only: a
+that do not share the directory, either the other nodes first send their shard files to rank 0
+over the process group and delete them (`ShardWriter(collect=True)`), so rank 0's store holds
+every checkpoint whole; or, with a mirror, each node uploads its own and deletes them
+(`ShardWriter(upload=...)`), and rank 0's checkpoint lists them as on the mirror. Tensors only: a
 DCP "bytes" entry is a pickle that DCP loads with `weights_only=False`, so such entries are never
 written and are refused on load.
 
@@ -23,10 +24,11 @@ hostile `.metadata` is refused before anything in it runs (SPEC §5, secure load
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +52,7 @@ from .fileformat import (
 from .records import tensor_bytes
 from .storage import PendingShards, Shards, fsync, fsync_dir
 
+logger = logging.getLogger("train_improved.checkpoint")
 METADATA_FILE = ".metadata"
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _SAFE_GLOBALS = {
@@ -217,23 +220,51 @@ def collect_on_rank_0(directory: Path, group: dist.ProcessGroup | None) -> None:
             pass
 
 
-def _digests(directory: Path, group: dist.ProcessGroup | None, error: str | None, *, rank_0_alone: bool = False
-             ) -> Shards:
+def upload_from_their_nodes(directory: Path, group: dist.ProcessGroup | None, upload: Callable[[Path, str], None],
+                            *, skip: bool = False) -> tuple[dict[str, Any], str | None]:
+    """Upload every file of `directory` that rank 0 does not hold, from the node that holds it; a collective.
+
+    For nodes with disks of their own and a mirror: each file rank 0's node lacks is hashed and
+    uploaded (verified, `RemoteStore.upload_shard`) by the lowest rank that holds it. Returns this
+    rank's entries for those files (marked `on_mirror`) and its upload error, if any. Every rank
+    takes part, also with `skip` (its own write failed: it uploads nothing).
+    """
+    rank, world = _rank_and_world()
+    mine = sorted(p.name for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
+    listings: list[list[str]] = [[] for _ in range(world)]
+    dist.all_gather_object(listings, mine, group=group)
+    owner = {}
+    for r in range(world - 1, 0, -1):  # the lowest rank that lists a file sends it
+        owner.update({name: r for name in listings[r]})
+    entries: dict[str, Any] = {}
+    for name in sorted(n for n, r in owner.items() if r == rank and n not in listings[0] and not skip):
+        path = directory / name
+        try:
+            digest = hash_file(path)
+            upload(path, digest)
+        except Exception as e:  # noqa: BLE001 - any failure of the mirror's client: reported, and the save collected
+            return {}, f"uploading shard file {name} to the mirror failed: {type(e).__name__}: {e}"
+        entries[name] = {"bytes": path.stat().st_size, "digest": digest, "on_mirror": True}
+    return entries, None
+
+
+def _digests(directory: Path, group: dist.ProcessGroup | None, error: str | None, *, rank_0_alone: bool = False,
+             known: dict[str, Any] | None = None) -> Shards:
     """Size and digest of every file in `directory`, on every rank (a collective on `group`).
 
     Each rank reads back a share of the files (rank 0 all of them with `rank_0_alone`: the files
     collected on its disk): the digests are taken from what is on disk. Every rank takes part even
     after a failure of its own (otherwise the others would wait forever), and every rank raises
-    CheckpointWriteError if any rank failed.
+    CheckpointWriteError if any rank failed. `known`: this rank's entries already taken (files it uploaded).
     """
     rank, world = _rank_and_world()
     hashers = 1 if rank_0_alone else world  # rank r < hashers reads every hashers-th file from the r-th on
-    mine: dict[str, Any] = {}
+    mine: dict[str, Any] = dict(known or {})
     if error is None and rank < hashers:
         try:
             names = sorted(p.name for p in directory.iterdir() if p.is_file())
-            mine = {name: {"bytes": (directory / name).stat().st_size, "digest": hash_file(directory / name)}
-                    for i, name in enumerate(names) if i % hashers == rank}
+            mine.update({name: {"bytes": (directory / name).stat().st_size, "digest": hash_file(directory / name)}
+                         for i, name in enumerate(names) if i % hashers == rank})
         except OSError as e:
             error = f"reading back the shards failed: {describe_os_error(e)}"
     everyone: list[tuple[dict[str, Any], str | None]] = [(mine, error)]
@@ -258,12 +289,13 @@ class ShardWriter:
     then writes them from a thread; the ranks then exchange digests, as `write_shards` does. Both
     run on a process group of their own (gloo), so they never interleave with the training loop's
     collectives. At most one write is in flight: `start` first waits for the previous one.
-    With `collect`, for nodes that do not share the directory, every write ends with the other
-    nodes' files sent to rank 0 (`collect_on_rank_0`).
+    For nodes that do not share the directory, every write ends with the other nodes' files either
+    sent to rank 0 (`collect`: `collect_on_rank_0`) or, with a mirror, uploaded by their own nodes
+    (`upload`: `upload_from_their_nodes`; rank 0's store then lists them as on the mirror).
     """
 
-    def __init__(self, *, collect: bool = False) -> None:
-        self.collect = collect
+    def __init__(self, *, collect: bool = False, upload: Callable[[Path, str], None] | None = None) -> None:
+        self.collect, self.upload = collect, upload
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         world = _rank_and_world()[1]
@@ -293,13 +325,31 @@ class ShardWriter:
             error = f"writing the shards failed: {_first_failure(e)}"
         except Exception as e:  # noqa: BLE001 - a failed save, reported to every rank below and by the store
             error = f"writing the shards failed: {type(e).__name__}: {e}"
-        if self.collect:
+        if self.upload is not None:
+            uploaded, upload_error = upload_from_their_nodes(directory, self._group, self.upload,
+                                                             skip=error is not None)
+            failed: list[str | None] = [None] * _rank_and_world()[1]
+            dist.all_gather_object(failed, upload_error, group=self._group)
+            if not any(failed):
+                shards = _digests(directory, self._group, error, rank_0_alone=True, known=uploaded)
+                for name in uploaded:  # on the mirror, verified, and in the footer rank 0 is about to commit
+                    (directory / name).unlink()
+                if _rank_and_world()[0] != 0 and uploaded:
+                    try:
+                        directory.rmdir()  # empty now (another rank of the node may remove it)
+                    except OSError:
+                        pass
+                return shards
+            # The mirror failed a node (an outage): this save's shards go to rank 0's disk instead, as
+            # without a mirror, so the local store keeps checkpointing; the mirror catches up later.
+            logger.warning("%s; rank 0 collects this save's shards instead", next(e for e in failed if e))
+        if self.collect or self.upload is not None:
             # Every rank takes part even after its own failure: the others would wait forever.
             try:
                 collect_on_rank_0(directory, self._group)
             except (OSError, RuntimeError) as e:
                 error = error or f"sending the shards to rank 0 failed: {type(e).__name__}: {e}"
-        return _digests(directory, self._group, error, rank_0_alone=self.collect)
+        return _digests(directory, self._group, error, rank_0_alone=self.collect or self.upload is not None)
 
     def wait(self) -> None:
         """Block until the write in flight has finished on every rank (its failure is the store's to report)."""

@@ -51,10 +51,14 @@ _NO_HARD_LINKS = (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.E
 
 @dataclass(frozen=True)
 class Shards:
-    """DCP files written (and fsynced) by every rank into `directory`, with their sizes and digests."""
+    """DCP files written (and fsynced) by every rank into `directory`, with their sizes and digests.
+
+    A file whose entry says `"on_mirror": True` is not in `directory`: the node that wrote it, on a
+    disk of its own, uploaded it to the mirror and verified it there (`sharded.ShardWriter(upload=)`).
+    """
 
     directory: Path
-    files: dict[str, dict[str, Any]]  # name -> {"bytes": int, "digest": str}
+    files: dict[str, dict[str, Any]]  # name -> {"bytes": int, "digest": str[, "on_mirror": True]}
 
     @property
     def bytes(self) -> int:
@@ -206,6 +210,8 @@ def write_checkpoint(
 def _fill_with_shards(tmp: Path, shards: Shards, *, copy: bool, verify: bool) -> None:
     tmp.mkdir()
     for name, expected in shards.files.items():
+        if expected.get("on_mirror"):
+            continue  # listed in the footer, held by the mirror
         src, dst = shards.directory / name, tmp / name
         if copy:
             _copy_durably(src, dst)
