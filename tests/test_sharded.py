@@ -250,3 +250,20 @@ def test_a_failed_background_shard_write_is_reported_and_latest_stays(tmp_path: 
     assert result.error is not None and "writing the shards failed: Not a directory (ENOTDIR)" in result.error
     assert not (d / "rolling_step_000002.pt").exists()
     assert verify_file(d / "latest.pt")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_mirror_entry_lists_a_sharded_checkpoints_files_even_after_retention_removed_it(tmp_path: Path) -> None:
+    # The uploader lists the store, uploads, then writes entries: retention may remove a directory in between.
+    # Its entry must still name every shard object (read from the footer), or the bucket would list state.pt alone.
+    from train_improved.checkpoint.inventory import ObjectRef
+    from train_improved.checkpoint.mirror import _entry
+    from train_improved.checkpoint.records import scan
+
+    d = saved_steps(tmp_path / "ck", 1)
+    (info,) = [i for i in scan(d) if i.name == "rolling_step_000001.pt"]
+    up = {info.meta["digest"]: ObjectRef(f"objects/{info.meta['digest']}.pt", 1)}
+    up.update({f["digest"]: ObjectRef(f"objects/{f['digest']}.shard", f["bytes"]) for f in info.meta["shards"].values()})
+    storage.remove(info.path)
+    entry = _entry(info, up)
+    assert entry is not None and set(entry.files or {}) == set(info.meta["shards"])

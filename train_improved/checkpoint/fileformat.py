@@ -289,7 +289,7 @@ def _verify_shards(open_member: Callable[[str], BinaryIO], meta: dict[str, Any])
         if absent:  # every file here checks out; the others are on the mirror
             raise ShardsOnMirrorError(
                 f"holds {len(opened)} of its {len(listed)} shard files here; the other {len(absent)} were "
-                "uploaded to the mirror by the nodes that wrote them (with --mirror, a resume fetches them)")
+                "uploaded to the mirror by the nodes that wrote them (a resume or an export with --mirror fetches them)")
     finally:
         for f in opened.values():
             f.close()

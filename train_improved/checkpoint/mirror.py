@@ -249,7 +249,9 @@ class Mirror:
 def _entry(info: CheckpointInfo, up: dict[str, ObjectRef]) -> Entry | None:
     """The manifest entry of a local checkpoint, or None while any of its objects is not up."""
     digest = info.meta["digest"]
-    shards = info.meta.get("shards") if info.path.is_dir() else None
+    # From the footer, not the disk: retention may have removed the directory since it was listed, and an
+    # entry for a sharded checkpoint without its files would be listed on the bucket as a lone state.pt.
+    shards = info.meta.get("shards")
     if digest not in up or any(f["digest"] not in up for f in (shards or {}).values()):
         return None
     files = None if shards is None else {
