@@ -161,6 +161,25 @@ def _first_failure(e: CheckpointException) -> str:
 _CHUNK = 64 << 20  # bytes per message when a shard file is sent to rank 0
 
 
+def _files_rank_0_lacks(directory: Path, group: dist.ProcessGroup | None) -> list[tuple[str, int, int]]:
+    """(name, bytes, holder) of each file in the ranks' `directory` that rank 0 does not see; a collective.
+
+    `holder` is the lowest rank that sees it: on nodes with disks of their own, the one that sends it.
+    """
+    world = _rank_and_world()[1]
+    mine = sorted((p.name, p.stat().st_size) for p in directory.iterdir() if p.is_file()) \
+        if directory.is_dir() else []
+    listings: list[list[tuple[str, int]]] = [[] for _ in range(world)]
+    dist.all_gather_object(listings, mine, group=group)
+    held, lacking = {name for name, _ in listings[0]}, []
+    for holder in range(1, world):
+        for name, size in listings[holder]:
+            if name not in held:
+                held.add(name)
+                lacking.append((name, size, holder))
+    return lacking
+
+
 def collect_on_rank_0(directory: Path, group: dist.ProcessGroup | None) -> None:
     """Send every file of `directory` that rank 0 does not hold to rank 0, then delete it here; a collective.
 
@@ -172,16 +191,7 @@ def collect_on_rank_0(directory: Path, group: dist.ProcessGroup | None) -> None:
     the link finds the name taken) loses nothing.
     """
     rank, world = _rank_and_world()
-    mine = sorted((p.name, p.stat().st_size) for p in directory.iterdir() if p.is_file()) \
-        if directory.is_dir() else []
-    listings: list[list[tuple[str, int]]] = [[] for _ in range(world)]
-    dist.all_gather_object(listings, mine, group=group)
-    held, plan = {name for name, _ in listings[0]}, []  # (name, bytes, sender)
-    for sender in range(1, world):
-        for name, size in listings[sender]:
-            if name not in held:
-                held.add(name)
-                plan.append((name, size, sender))
+    plan = _files_rank_0_lacks(directory, group)
     stored = []  # on rank 0: the names it linked in as new files
     for name, size, sender in plan:
         if rank == sender:
@@ -229,22 +239,18 @@ def upload_from_their_nodes(directory: Path, group: dist.ProcessGroup | None, up
     rank's entries for those files (marked `on_mirror`) and its upload error, if any. Every rank
     takes part, also with `skip` (its own write failed: it uploads nothing).
     """
-    rank, world = _rank_and_world()
-    mine = sorted(p.name for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
-    listings: list[list[str]] = [[] for _ in range(world)]
-    dist.all_gather_object(listings, mine, group=group)
-    owner = {}
-    for r in range(world - 1, 0, -1):  # the lowest rank that lists a file sends it
-        owner.update({name: r for name in listings[r]})
+    rank = _rank_and_world()[0]
     entries: dict[str, Any] = {}
-    for name in sorted(n for n, r in owner.items() if r == rank and n not in listings[0] and not skip):
+    for name, size, owner in _files_rank_0_lacks(directory, group):
+        if owner != rank or skip:
+            continue
         path = directory / name
         try:
             digest = hash_file(path)
             upload(path, digest)
         except Exception as e:  # noqa: BLE001 - any failure of the mirror's client: reported, and the save collected
             return {}, f"uploading shard file {name} to the mirror failed: {type(e).__name__}: {e}"
-        entries[name] = {"bytes": path.stat().st_size, "digest": digest, "on_mirror": True}
+        entries[name] = {"bytes": size, "digest": digest, "on_mirror": True}
     return entries, None
 
 
