@@ -269,30 +269,27 @@ def _verify_shards(open_member: Callable[[str], BinaryIO], meta: dict[str, Any])
     listed = meta.get("shards")
     if not isinstance(listed, dict) or not listed:
         raise CorruptCheckpointError(f"{STATE_FILE} lists no shard files (damaged footer)")
-    opened: dict[str, BinaryIO] = {}
-    try:
-        for name in sorted(listed):  # all present before any is hashed: a missing file is said at once
-            try:
-                opened[name] = open_member(name)
-            except FileNotFoundError:
-                pass
-        absent = sorted(set(listed) - set(opened))
-        if missing := [name for name in absent if not listed[name].get("on_mirror")]:
-            raise CorruptCheckpointError(f"shard file {missing[0]} is missing")
-        for name, f in sorted(opened.items()):
-            size, expected = os.fstat(f.fileno()).st_size, listed[name]
+    on_mirror = []
+    for name, expected in sorted(listed.items()):
+        try:
+            f = open_member(name)  # one at a time: a checkpoint of many ranks lists many files
+        except FileNotFoundError:
+            if expected.get("on_mirror"):
+                on_mirror.append(name)
+                continue
+            raise CorruptCheckpointError(f"shard file {name} is missing") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
             if size != expected["bytes"]:
                 raise CorruptCheckpointError(f"shard file {name} is {size} bytes, {expected['bytes']} were "
                                              "written (truncated?)")
             if _hash_open(f, size) != expected["digest"]:
                 raise CorruptCheckpointError(f"shard file {name}: checksum mismatch")
-        if absent:  # every file here checks out; the others are on the mirror
-            raise ShardsOnMirrorError(
-                f"holds {len(opened)} of its {len(listed)} shard files here; the other {len(absent)} were "
-                "uploaded to the mirror by the nodes that wrote them (a resume or an export with --mirror fetches them)")
-    finally:
-        for f in opened.values():
-            f.close()
+    if on_mirror:  # every file here checks out; the others are on the mirror
+        raise ShardsOnMirrorError(
+            f"holds {len(listed) - len(on_mirror)} of its {len(listed)} shard files here; the other {len(on_mirror)} "
+            "were uploaded to the mirror by the nodes that wrote them (a resume or an export with --mirror fetches "
+            "them)")
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu", *, shards: bool = True,
