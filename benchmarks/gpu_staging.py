@@ -5,7 +5,10 @@ For a state living on CUDA (weights + AdamW moments) it measures, in the same ru
   * plain:   torch.save(state) + fsync straight from the GPU (the usual synchronous save);
   * staging: the loop's stall with async saving, i.e. copies into reused *pinned* host buffers on a
              side stream, synchronized (steady state: the first call allocates the buffers);
-  * async:   the store's full async rolling save (stall and background write time);
+  * async:   the store's full async rolling save (stall and background write time), and the
+             writer's rate against the disk's ceiling for the same bytes (issue 25: >= 0.6);
+  * emergency: one synchronous emergency save straight from the GPU state, over the ceiling's time
+             for one copy of its bytes (issue 25: <= 1.5);
 and checks that the staged copy, and the checkpoint restored from disk, equal the GPU tensors bit
 for bit ("exact"). Prints stall/plain ratios.
 
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from checkpoint_io import raw_bandwidth  # the disk's ceiling, measured as benchmarks/checkpoint_io.py does
 
 from train_improved.checkpoint import CheckpointManager, CheckpointOptions, Kind
 from train_improved.checkpoint.staging import StagingArea
@@ -78,20 +82,36 @@ def measure(mb: int, base: Path, device: str) -> str:
     area.stage(state)  # allocate the pinned buffers once, as the first save of a run does
     stage_s = timed(lambda: area.stage(state))
     staged_exact = same_tensors(area.stage(state), state)
+    cpu_copy = area.stage(state)  # the same bytes on the host, for the disk's ceiling
     d = base / "ck"
-    with CheckpointManager(d, CheckpointOptions(keep_rolling=1)) as m:
-        results = []
+    with CheckpointManager(d, CheckpointOptions(keep_rolling=1)) as m, \
+         CheckpointManager(base / "em", CheckpointOptions(async_save=False, keep_emergency=1)) as em:
+        results, writer_ratios, emergency_ratios = [], [], []
         for step in range(1, 4):
+            # A rolling save writes the file and its backup, an emergency save one file: each against
+            # the ceiling for as many copies, measured just before it.
+            ceiling = raw_bandwidth(base, cpu_copy, 2, early_writeback=True)
             m.save(state, step=step, kinds=Kind.ROLLING)
-            results += m.wait_until_finished()
+            (result,) = m.wait_until_finished()
+            results.append(result)
+            writer_ratios.append(result.bytes / result.write_s / ceiling)
+            ceiling_one_copy = raw_bandwidth(base, cpu_copy, 1, early_writeback=True)
+            em.save(state, step=step, kinds=Kind.EMERGENCY)
+            (emergency,) = em.wait_until_finished()
+            results.append(emergency)
+            emergency_ratios.append(emergency.write_s / (emergency.bytes / ceiling_one_copy))
         assert all(r.error is None for r in results), [r.error for r in results]
         restored, _ = m.restore("latest")
     exact = staged_exact and same_tensors(restored, state)
     shutil.rmtree(d)
-    stall = statistics.median(r.stall_s for r in results[1:])
-    write = statistics.median(r.write_s for r in results[1:])
+    shutil.rmtree(base / "em")
+    rolling = results[2::2]  # the first save allocates the staging buffers
+    stall = statistics.median(r.stall_s for r in rolling)
+    write = statistics.median(r.write_s for r in rolling)
     return (f"{mb:>6}Mi {plain_s:>8.2f} {stage_s:>8.3f} {stage_s / plain_s:>11.3f} {stall:>13.3f} "
-            f"{stall / plain_s:>11.3f} {write:>8.2f} {str(exact):>6}")
+            f"{stall / plain_s:>11.3f} {write:>8.2f} {ceiling / 1e6:>12.0f} {statistics.median(writer_ratios[1:]):>14.2f} "
+            f"{statistics.median(r.write_s for r in results[3::2]):>11.2f} {statistics.median(emergency_ratios[1:]):>10.2f} "
+            f"{str(exact):>6}")
 
 
 def main() -> None:
@@ -102,10 +122,12 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: nothing to measure (run this where a GPU is available)")
         return
+    print(f"dir {tempfile.gettempdir()}")
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke run: these figures mean nothing)"
     print(f"{name}  torch {torch.__version__}")
     print(f"{'state':>8} {'plain s':>8} {'stage s':>8} {'stage/plain':>11} {'async stall s':>13} "
-          f"{'stall/plain':>11} {'write s':>8} {'exact':>6}")
+          f"{'stall/plain':>11} {'write s':>8} {'ceiling MB/s':>12} {'writer/ceiling':>14} {'emergency s':>11} "
+          f"{'em/ceiling':>10} {'exact':>6}")
     base = Path(tempfile.mkdtemp(prefix="gpubench-"))
     try:
         for mb in args.sizes:
