@@ -7,8 +7,9 @@ For a state living on CUDA (weights + AdamW moments) it measures, in the same ru
              side stream, synchronized (steady state: the first call allocates the buffers);
   * async:   the store's full async rolling save (stall and background write time), and the
              writer's rate against the disk's ceiling for the same bytes (issue 25: >= 0.6);
-  * emergency: one synchronous emergency save straight from the GPU state, over the ceiling's time
-             for one copy of its bytes (issue 25: <= 1.5);
+  * emergency: one emergency save of the GPU state as `train` makes it on a signal (staged, then
+             written and verified), timed until committed, over the ceiling's time for one copy of
+             its bytes (issue 25: <= 1.5); and the same for the state's host copy, what the GPU adds;
 and checks that the staged copy, and the checkpoint restored from disk, equal the GPU tensors bit
 for bit ("exact"). Prints stall/plain ratios.
 
@@ -85,33 +86,39 @@ def measure(mb: int, base: Path, device: str) -> str:
     cpu_copy = area.stage(state)  # the same bytes on the host, for the disk's ceiling
     d = base / "ck"
     with CheckpointManager(d, CheckpointOptions(keep_rolling=1)) as m, \
-         CheckpointManager(base / "em", CheckpointOptions(async_save=False, keep_emergency=1)) as em:
-        results, writer_ratios, emergency_ratios = [], [], []
+         CheckpointManager(base / "em", CheckpointOptions(keep_emergency=1)) as em, \
+         CheckpointManager(base / "em-host", CheckpointOptions(keep_emergency=1)) as em_host:
+        rows = []
         for step in range(1, 4):
             # A rolling save writes the file and its backup, an emergency save one file: each against
             # the ceiling for as many copies, measured just before it.
             ceiling = raw_bandwidth(base, cpu_copy, 2, early_writeback=True)
             m.save(state, step=step, kinds=Kind.ROLLING)
-            (result,) = m.wait_until_finished()
-            results.append(result)
-            writer_ratios.append(result.bytes / result.write_s / ceiling)
+            (rolling,) = m.wait_until_finished()
             ceiling_one_copy = raw_bandwidth(base, cpu_copy, 1, early_writeback=True)
-            em.save(state, step=step, kinds=Kind.EMERGENCY)
-            (emergency,) = em.wait_until_finished()
-            results.append(emergency)
-            emergency_ratios.append(emergency.write_s / (emergency.bytes / ceiling_one_copy))
-        assert all(r.error is None for r in results), [r.error for r in results]
+            # The emergency save as `train` makes it on a signal (the default, staged store), timed
+            # until it is committed; then the same save of the state's host copy, what the GPU adds.
+            emergency_s = {}
+            for name, store, source in (("gpu", em, state), ("host", em_host, cpu_copy)):
+                t = time.perf_counter()
+                (result,) = store.emergency_save(source, step=step)
+                emergency_s[name] = time.perf_counter() - t
+                assert result.error is None, result.error
+            assert rolling.error is None, rolling.error
+            rows.append({"stall": rolling.stall_s, "write": rolling.write_s, "ceiling": ceiling,
+                         "writer/ceiling": rolling.bytes / rolling.write_s / ceiling, "emergency": emergency_s["gpu"],
+                         "em/ceiling": emergency_s["gpu"] / (result.bytes / ceiling_one_copy),
+                         "host em/ceiling": emergency_s["host"] / (result.bytes / ceiling_one_copy)})
         restored, _ = m.restore("latest")
     exact = staged_exact and same_tensors(restored, state)
-    shutil.rmtree(d)
-    shutil.rmtree(base / "em")
-    rolling = results[2::2]  # the first save allocates the staging buffers
-    stall = statistics.median(r.stall_s for r in rolling)
-    write = statistics.median(r.write_s for r in rolling)
-    return (f"{mb:>6}Mi {plain_s:>8.2f} {stage_s:>8.3f} {stage_s / plain_s:>11.3f} {stall:>13.3f} "
-            f"{stall / plain_s:>11.3f} {write:>8.2f} {ceiling / 1e6:>12.0f} {statistics.median(writer_ratios[1:]):>14.2f} "
-            f"{statistics.median(r.write_s for r in results[3::2]):>11.2f} {statistics.median(emergency_ratios[1:]):>10.2f} "
-            f"{str(exact):>6}")
+    for directory in (d, base / "em", base / "em-host"):
+        shutil.rmtree(directory)
+    # Medians over the saves after the first, which allocates each store's staging buffers.
+    med = {k: statistics.median(row[k] for row in rows[1:]) for k in rows[0]}
+    return (f"{mb:>6}Mi {plain_s:>8.2f} {stage_s:>8.3f} {stage_s / plain_s:>11.3f} {med['stall']:>13.3f} "
+            f"{med['stall'] / plain_s:>11.3f} {med['write']:>8.2f} {med['ceiling'] / 1e6:>12.0f} "
+            f"{med['writer/ceiling']:>14.2f} {med['emergency']:>11.2f} {med['em/ceiling']:>10.2f} "
+            f"{med['host em/ceiling']:>15.2f} {str(exact):>6}")
 
 
 def main() -> None:
@@ -127,7 +134,7 @@ def main() -> None:
     print(f"{name}  torch {torch.__version__}")
     print(f"{'state':>8} {'plain s':>8} {'stage s':>8} {'stage/plain':>11} {'async stall s':>13} "
           f"{'stall/plain':>11} {'write s':>8} {'ceiling MB/s':>12} {'writer/ceiling':>14} {'emergency s':>11} "
-          f"{'em/ceiling':>10} {'exact':>6}")
+          f"{'em/ceiling':>10} {'host em/ceiling':>15} {'exact':>6}")
     base = Path(tempfile.mkdtemp(prefix="gpubench-"))
     try:
         for mb in args.sizes:
