@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,36 @@ def test_a_file_larger_than_the_writeback_chunk_is_written_whole(tmp_path: Path,
     assert len(calls) >= 2 and all(off + n <= path.stat().st_size for off, n in calls)  # both files, in range
     for p in (path, tmp_path / "big_backup.pt"):
         assert torch.equal(load_checkpoint(p)[0]["w"], big["w"])
+
+
+def test_the_zip_crc32_is_skipped_and_our_digest_still_catches_a_flipped_tensor_byte(tmp_path: Path) -> None:
+    # torch.load never checks the zip CRC-32 (most of torch.save's CPU time): the store skips it,
+    # restores torch's setting afterwards, and relies on its own digest, which every load checks.
+    from torch.utils.serialization import config
+
+    path = tmp_path / "a.pt"
+    big = {"w": torch.arange(1 << 20, dtype=torch.float32)}
+    write_checkpoint(path, big, {"step": 1})
+    assert config.save.compute_crc32 is True
+    with zipfile.ZipFile(path) as z:
+        assert {i.CRC for i in z.infolist()} == {0}
+        assert z.testzip() is not None  # what `unzip -t` sees; torch.load does not look
+    assert torch.equal(torch.load(path, weights_only=True)["w"], big["w"])
+    flip(path, path.stat().st_size // 2)  # inside the tensor's bytes
+    assert torch.load(path, weights_only=True)["w"].ne(big["w"]).any()  # plain torch does not notice...
+    with pytest.raises(CorruptCheckpointError):
+        load_checkpoint(path)  # ...the store does
+
+
+def test_concurrent_saves_leave_torchs_crc32_setting_as_they_found_it() -> None:
+    from torch.utils.serialization import config
+
+    for before in (False, True):
+        config.save.compute_crc32 = before
+        first, second = stream.zip_crc32_skipped(), stream.zip_crc32_skipped()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert config.save.compute_crc32 is False  # the second save is still writing
+        second.__exit__(None, None, None)
+        assert config.save.compute_crc32 is before

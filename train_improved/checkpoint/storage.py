@@ -43,7 +43,7 @@ from .fileformat import (
     read_footer,
     verify_file,
 )
-from .stream import StreamWriter, libc_function
+from .stream import StreamWriter, libc_function, zip_crc32_skipped
 
 TEMP_PREFIX = ".tmp-"  # temporary files never carry a final name, and are hidden from `ls`
 _NO_HARD_LINKS = (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP)
@@ -179,7 +179,8 @@ def write_checkpoint(
                 opened.callback(os.close, fd)
             writer = StreamWriter(fds, read_back=verify)
             try:
-                torch.save(obj, writer)
+                with zip_crc32_skipped():
+                    torch.save(obj, writer)
                 payload, digest = writer.close()
                 footer_meta = dict(meta, format_version=FORMAT_VERSION, algorithm=DIGEST_ALGORITHM,
                                    digest=digest, payload_bytes=payload)
