@@ -12,6 +12,11 @@ steps asynchronously and reports the loop's stall per save against the step time
     python benchmarks/gpu_throughput.py                                # on a GPU: 12 x 768, context 1024, bf16 (< 4 min)
     python benchmarks/gpu_throughput.py --preset demo --device cpu     # the CPU demo's size
     python benchmarks/gpu_throughput.py --preset tiny --device cpu --steps 8 --rounds 1 --no-compile   # a smoke run
+    python benchmarks/gpu_throughput.py --no-compile --rounds 1 --steps 20 --profile /tmp/prof   # where the time goes
+
+--profile DIR runs one bare and one runner round (eager) under torch.profiler instead of the
+measurement: it prints each side's busiest operators and syncs, and writes both traces to DIR
+(bare.json.gz, runner.json.gz; open them in Perfetto).
 """
 
 from __future__ import annotations
@@ -99,6 +104,25 @@ def bare_round(options: dict, steps: int) -> list[float]:
     return out
 
 
+def profiled(options: dict, steps: int, workdir: Path, out: Path) -> None:
+    """One bare and one runner round under torch.profiler: their busiest operators, and the traces."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    out.mkdir(parents=True, exist_ok=True)
+    for side, round_ in (("bare", lambda: bare_round(options, steps)),
+                         ("runner", lambda: runner_round(options, steps, workdir / "profiled", None))):
+        round_()  # warm-up: allocator, kernels, data workers
+        started = time.perf_counter()
+        with profile(activities=activities) as prof:
+            round_()
+        wall = time.perf_counter() - started
+        prof.export_chrome_trace(str(out / f"{side}.json.gz"))
+        busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6  # kernels and copies
+        print(f"\n== {side}: {steps} steps in {wall:.2f} s (profiled), device busy {busy:.2f} s; by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
@@ -107,6 +131,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=10, help="steps between saves in the stall round")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="profile one round of each instead")
     args = ap.parse_args()
     options = {**PRESETS[args.preset], "device": args.device}
     if args.device == "cpu":
@@ -117,6 +142,9 @@ def main() -> None:
           f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else
                                      f", threads {torch.get_num_threads()}"))
     with tempfile.TemporaryDirectory() as tmp:
+        if args.profile is not None:
+            profiled({**options, "compile": False}, args.steps, Path(tmp), args.profile)
+            return
         for compiled in ([False, True] if args.compile else [False]):
             mode = {**options, "compile": compiled}
             runner, bare = [], []

@@ -14,6 +14,8 @@ CASES = {
     "checkpoint_io": ["--sizes", "4", "--rounds", "1"],
     "gpu_throughput": ["--preset", "tiny", "--device", "cpu", "--steps", "8", "--rounds", "1", "--no-compile",
                        "--save-every", "3"],
+    "gpu_throughput --profile": ["--preset", "tiny", "--device", "cpu", "--steps", "4", "--no-compile",
+                                 "--profile", "prof"],  # one profiled round of each side; traces into ./prof
     "end_to_end": ["--steps", "6", "--every", "3"],
     "gpu_staging": ["--sizes", "4"],  # says "no CUDA device" on a machine without one
     "gpu_staging --device cpu": ["--sizes", "4", "--device", "cpu"],  # every step of the GPU check, on CPU
