@@ -146,6 +146,16 @@ def test_emergency_save_skips_the_read_back_over_its_budget(tmp_path: Path, capl
     assert api.verify_file(tmp_path / results[0].name)["kind"] == "emergency"
 
 
+def test_an_emergency_save_of_host_tensors_is_written_in_place_without_staging_memory(tmp_path: Path) -> None:
+    # The caller waits for an emergency save anyway: a copy (and, as the run's first save, the
+    # allocation of a state-sized staging area) would only spend the SIGTERM's grace.
+    with CheckpointManager(tmp_path) as m:
+        (result,) = m.emergency_save(st(3), step=3)
+        assert m._staging is None  # no state-sized buffers were allocated
+        restored, info = m.restore(result.name)
+    assert info.kind == Kind.EMERGENCY and torch.equal(restored["model"]["w"], st(3)["model"]["w"])
+
+
 def test_close_returns_the_results_of_the_last_save(tmp_path: Path) -> None:
     m = CheckpointManager(tmp_path)
     m.save(st(1), step=1)

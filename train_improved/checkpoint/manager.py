@@ -268,6 +268,14 @@ class CheckpointManager:
         commits once they are durable. `stall_before`: seconds the caller was already blocked
         preparing this save (staging its shards), added to the recorded stall.
         """
+        return self._save(state, step=step, epoch=epoch, kinds=kinds, metrics=metrics, meta=meta, args=args,
+                          verify=verify, shards=shards, stall_before=stall_before, stage=self.options.async_save)
+
+    def _save(self, state: dict[str, Any], *, step: int, stage: bool, epoch: int | None = None,
+              kinds: Kind | Iterable[Kind] = Kind.ROLLING, metrics: dict[str, Any] | None = None,
+              meta: dict[str, Any] | None = None, args: dict[str, Any] | None = None, verify: bool = True,
+              shards: Shards | PendingShards | None = None, stall_before: float = 0.0) -> bool:
+        """`save()`; `stage`: copy the state into the staging buffers first (else the writer reads it in place)."""
         if self.read_only:
             raise CheckpointError("this checkpoint manager was opened read-only")
         started = time.perf_counter() - stall_before
@@ -294,7 +302,7 @@ class CheckpointManager:
             return False
         if Kind.BEST in todo:
             self._best.propose(metrics[self.options.metric], step)
-        snapshot = self._stage(state) if self.options.async_save else state
+        snapshot = self._stage(state) if stage else state
         stall = time.perf_counter() - started
         self._inflight = self._writer().submit(self._commit_whole, self._context(without_copy), snapshot, step, epoch,
                                                todo, metrics, footer_meta, stall, verify, shards)
@@ -328,6 +336,9 @@ class CheckpointManager:
         `since` (a `time.monotonic()` value: `GracefulStop.at`, when the signal arrived; default now).
         A save expected to take longer than what is left skips its read-back check (its digest is
         still checked on load); the mirror's upload is awaited only within what is left after it.
+        A state whose tensors all lie in host memory is written from where it lies, not copied into
+        the staging buffers first: the caller waits for the save anyway (and the first save of a run
+        would also allocate them). Tensors on a GPU are still staged, by DMA into pinned buffers.
         `save_options` are `save()`'s (epoch, metrics, meta, args, shards, stall_before).
         """
         deadline = None if budget is None else (since if since is not None else time.monotonic()) + budget
@@ -339,7 +350,10 @@ class CheckpointManager:
             logger.warning("an emergency save is expected to take %.1fs, over the %.1fs left of the budget of %.0fs: "
                            "skipping its read-back verification (its checksum is still checked on load)", expected,
                            max(0.0, deadline - time.monotonic()), budget)
-        self.save(state, step=step, kinds=Kind.EMERGENCY, verify=verify, **save_options)
+        from .staging import holds_device_tensors  # imports torch; the read-only paths never need it
+
+        self._save(state, step=step, kinds=Kind.EMERGENCY, verify=verify,
+                   stage=self.options.async_save and holds_device_tensors(state), **save_options)
         results = self.wait_until_finished()
         if self.mirror is not None:  # the one save the loop waits for on the mirror, within what is left
             left = max(0.0, deadline - time.monotonic()) if deadline is not None else 60.0
