@@ -196,6 +196,8 @@ def _shards_from_their_nodes(d: distributed.Dist, cfg: TrainConfig, manager: Che
             err_console.print("warning: the mirror did not open within 60 s; the first save's shards may not reach it",
                               highlight=False, soft_wrap=True)
     distributed.gather(d, None)  # every node waits for that sweep
+    if manager is not None and manager.remote is not None:
+        return manager.remote.upload_shard  # rank 0's store: no second connection for an upload it never makes
     return RemoteStore.open(cfg.mirror, cfg.mirror_storage_options(), check_writable=False).upload_shard
 
 
