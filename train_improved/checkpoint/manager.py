@@ -59,6 +59,7 @@ from .records import (
     human_bytes,
     scan,
     tensor_bytes,
+    tensors_in,
 )
 from .remote import RemoteStore, mask
 from .storage import PendingShards, Shards
@@ -350,10 +351,9 @@ class CheckpointManager:
             logger.warning("an emergency save is expected to take %.1fs, over the %.1fs left of the budget of %.0fs: "
                            "skipping its read-back verification (its checksum is still checked on load)", expected,
                            max(0.0, deadline - time.monotonic()), budget)
-        from .staging import holds_device_tensors  # imports torch; the read-only paths never need it
-
-        self._save(state, step=step, kinds=Kind.EMERGENCY, verify=verify,
-                   stage=self.options.async_save and holds_device_tensors(state), **save_options)
+        on_device = any(t.device.type != "cpu" for t in tensors_in(state))
+        self._save(state, step=step, kinds=Kind.EMERGENCY, verify=verify, stage=self.options.async_save and on_device,
+                   **save_options)
         results = self.wait_until_finished()
         if self.mirror is not None:  # the one save the loop waits for on the mirror, within what is left
             left = max(0.0, deadline - time.monotonic()) if deadline is not None else 60.0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -156,18 +156,24 @@ def disk_usage(infos: Iterable[CheckpointInfo]) -> dict[Family, int]:
     return usage
 
 
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor in a nested state (a DTensor counts its whole, unsharded size).
+def tensors_in(obj: Any) -> Iterator[Any]:
+    """Every tensor in a nested state (dicts, lists, tuples).
 
     Duck-typed, so the store's read-only paths never import torch.
     """
     if hasattr(obj, "element_size") and hasattr(obj, "numel"):
-        return obj.element_size() * obj.numel()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_in(v)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested state (a DTensor counts its whole, unsharded size)."""
+    return sum(t.element_size() * t.numel() for t in tensors_in(obj))
 
 
 def human_bytes(n: float) -> str:

@@ -16,17 +16,6 @@ import torch
 _Path = tuple[Any, ...]
 
 
-def holds_device_tensors(state: Any) -> bool:
-    """Whether any tensor in `state` (dicts, lists, tuples) lives outside host memory (on a GPU, say)."""
-    if isinstance(state, torch.Tensor):
-        return state.device.type != "cpu"
-    if isinstance(state, dict):
-        return any(holds_device_tensors(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return any(holds_device_tensors(v) for v in state)
-    return False
-
-
 class StagingArea:
     """Holds at most one snapshot of a state: staging memory stays at 1x the state's tensor bytes."""
 
