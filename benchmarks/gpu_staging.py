@@ -8,8 +8,9 @@ For a state living on CUDA (weights + AdamW moments) it measures, in the same ru
   * async:   the store's full async rolling save (stall and background write time), and the
              writer's rate against the disk's ceiling for the same bytes (issue 25: >= 0.6);
   * emergency: one emergency save of the GPU state as `train` makes it on a signal (staged, then
-             written and verified), timed until committed (not the retention after it), over the ceiling's time for one copy of
-             its bytes (issue 25: <= 1.5); and the same for the state's host copy, what the GPU adds;
+             written and verified), timed until committed (not the retention after it), over the
+             ceiling's time for one copy of its bytes (issue 25: <= 1.5); and the same for the
+             state's host copy (written in place), what the GPU adds;
 and checks that the staged copy, and the checkpoint restored from disk, equal the GPU tensors bit
 for bit ("exact"). Prints stall/plain ratios.
 
@@ -98,16 +99,16 @@ def measure(mb: int, base: Path, device: str) -> str:
             ceiling_one_copy = raw_bandwidth(base, cpu_copy, 1, early_writeback=True)
             # The emergency save as `train` makes it on a signal (the default, staged store), timed
             # until it is committed; then the same save of the state's host copy, what the GPU adds.
-            emergency_s = {}
+            emergency = {}  # until committed: staged (if it is), then written and verified
             for name, store, source in (("gpu", em, state), ("host", em_host, cpu_copy)):
                 (result,) = store.emergency_save(source, step=step)
                 assert result.error is None, result.error
-                emergency_s[name] = result.stall_s + result.write_s  # staged, then written until committed
+                emergency[name] = (result.stall_s + result.write_s, result.bytes / ceiling_one_copy)
             assert rolling.error is None, rolling.error
             rows.append({"stall": rolling.stall_s, "write": rolling.write_s, "ceiling": ceiling,
-                         "writer/ceiling": rolling.bytes / rolling.write_s / ceiling, "emergency": emergency_s["gpu"],
-                         "em/ceiling": emergency_s["gpu"] / (result.bytes / ceiling_one_copy),
-                         "host em/ceiling": emergency_s["host"] / (result.bytes / ceiling_one_copy)})
+                         "writer/ceiling": rolling.bytes / rolling.write_s / ceiling, "emergency": emergency["gpu"][0],
+                         "em/ceiling": emergency["gpu"][0] / emergency["gpu"][1],
+                         "host em/ceiling": emergency["host"][0] / emergency["host"][1]})
         restored, _ = m.restore("latest")
     exact = staged_exact and same_tensors(restored, state)
     for directory in (d, base / "em", base / "em-host"):
